@@ -1,0 +1,3 @@
+from glmctl.cli import main
+
+main()

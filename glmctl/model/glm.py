@@ -1,0 +1,249 @@
+"""The GLM-130B network (spec §2), one implementation for every size.
+
+    h0 = E[tokens]                                  (no scaling, no position table)
+    for each layer:  a = LN_in(x);  h = alpha*a + Attn(a)
+                     m = LN_post(h); x = alpha*m + GeGLU(m)        alpha = sqrt(2 N)  (DeepNorm)
+    logits = LN_final(x) E^T                        (output tied to the word embedding)
+
+Shapes below: b batch, s new tokens, t total (cached + new) tokens, n local heads, d head dim.
+Masks are bool [b, 1, s, t] with True = may not attend (GLM-130B's convention).
+State-dict keys are exactly SAT's: ``transformer.layers.N.attention.query_key_value.weight`` ...
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmctl.config import ModelConfig
+from glmctl.model import parallel as tp
+
+
+# ---- RoPE (spec §2.3): 1-D, half rotation (dim j pairs with j + d/2), over the full head dim ----
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype,
+                 fp16_angles: bool = False):
+    """cos/sin tables [b, s, 1, d] for the given position ids.
+
+    ``fp16_angles`` reproduces SAT 0.2.x, where inv_freq and positions are fp16 and the angle
+    products are rounded to fp16 (coarse at large positions); otherwise angles are fp32.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device,
+                                            dtype=torch.float32) / head_dim))
+    if fp16_angles:
+        angles = position_ids.to(torch.float16)[..., None] * inv_freq.to(torch.float16)
+    else:
+        angles = position_ids.to(torch.float32)[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [b, s, 1, d]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, s, n, d]: x' = x*cos + rotate_half(x)*sin with rotate_half(x) = [-x2, x1]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Post-RoPE keys and values of every layer, [b, n, t, d] each, grown as tokens arrive."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select / repeat batch rows (beam search)."""
+        self.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
+        self.values = [None if v is None else v.index_select(0, index) for v in self.values]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, device=None, dtype=None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.head_dim = cfg.head_dim
+        self.heads_local = cfg.num_attention_heads // tp.tp_size()
+        if cfg.num_attention_heads % tp.tp_size():
+            raise ValueError(f"{cfg.num_attention_heads} heads do not split over TP={tp.tp_size()}")
+        self.cfg = cfg
+        q = cfg.quantization
+        self.query_key_value = tp.ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, quant=q,
+                                                       device=device, dtype=dtype)
+        self.dense = tp.RowParallelLinear(cfg.hidden_size, cfg.hidden_size, quant=q, device=device, dtype=dtype)
+        self.attention_dropout = nn.Dropout(cfg.attention_dropout)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        b, s, _ = x.shape
+        n, d = self.heads_local, self.head_dim
+        # Head-major fused layout: per head [q(d) | k(d) | v(d)] (spec §2.3). Bias before RoPE.
+        qkv = self.query_key_value(x).view(b, s, n, 3 * d)
+        q, k, v = qkv.split(d, dim=-1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, n, s, d]
+        if cache is not None:
+            k, v = cache.append(self.layer_id, k, v)  # [b, n, t, d]
+        # query_key_layer_scaling: divide by sqrt(d)*c in the model dtype, multiply c back in fp32.
+        c = float(self.layer_id + 1)
+        scores = torch.matmul(q / (math.sqrt(d) * c), k.transpose(-1, -2))  # [b, n, s, t]
+        scores = scores.float() * c
+        scores = scores.masked_fill(mask, -10000.0)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        probs = self.attention_dropout(probs)
+        ctx = torch.matmul(probs, v).transpose(1, 2).reshape(b, s, n * d)  # head-major context
+        return self.dense(ctx)
+
+
+class GeGLU(nn.Module):
+    """dense_h_to_4h -> [x1 | x2] halves -> x1 * GELU_erf(x2) -> dense_4h_to_h (spec §2.4)."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        q = cfg.quantization
+        self.dense_h_to_4h = tp.ColumnParallelLinear(cfg.hidden_size, 2 * cfg.inner_hidden_size, quant=q,
+                                                     device=device, dtype=dtype)
+        self.dense_4h_to_h = tp.RowParallelLinear(cfg.inner_hidden_size, cfg.hidden_size, quant=q,
+                                                  device=device, dtype=dtype)
+
+    def forward(self, x):
+        x1, x2 = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(x1 * F.gelu(x2))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, device=None, dtype=None):
+        super().__init__()
+        self.alpha = cfg.deepnorm_alpha
+        ln = dict(eps=cfg.layernorm_epsilon, device=device, dtype=dtype)
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, **ln)
+        self.attention = SelfAttention(cfg, layer_id, device, dtype)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, **ln)
+        self.mlp = GeGLU(cfg, device, dtype)
+        self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x, cos, sin, mask, cache):
+        a = self.input_layernorm(x)
+        h = self.alpha * a + self.hidden_dropout(self.attention(a, cos, sin, mask, cache))
+        m = self.post_attention_layernorm(h)
+        return self.alpha * m + self.hidden_dropout(self.mlp(m))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.word_embeddings = tp.VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, device, dtype)
+        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.layers = nn.ModuleList(GLMBlock(cfg, i, device, dtype) for i in range(cfg.num_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=device, dtype=dtype)
+
+
+class GLM(nn.Module):
+    """``GLM(config)``; ``model(tokens, position_ids, attention_mask)`` -> logits [b, s, vocab].
+
+    tokens, position_ids: int64 [b, s]; attention_mask: bool [b, 1, s, t], True = blocked.
+    With ``kv_cache`` the new tokens attend to the cached ones too (t = cached + s) and their
+    keys/values are appended. ``parallel_output=True`` returns this rank's vocab slice (TP).
+    """
+
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config, device, dtype)
+        # Embedding gradient shrink (spec §5.3): forward unchanged, gradient into E scaled by this.
+        self.embedding_grad_shrink = 1.0
+        # Gradient checkpointing of each layer (pretraining large models).
+        self.activation_checkpointing = False
+
+    def new_kv_cache(self) -> KVCache:
+        return KVCache(self.config.num_layers)
+
+    def forward(self, tokens, position_ids, attention_mask, kv_cache: KVCache | None = None,
+                parallel_output: bool = False, return_hidden: bool = False):
+        cfg = self.config
+        h = self.transformer.word_embeddings(tokens)
+        a = self.embedding_grad_shrink
+        if a != 1.0 and h.requires_grad:
+            h = h * a + h.detach() * (1.0 - a)
+        h = self.transformer.embedding_dropout(h)
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rotary_base, h.dtype, cfg.rope_fp16)
+        if attention_mask.dim() == 3:
+            attention_mask = attention_mask.unsqueeze(1)
+        for layer in self.transformer.layers:
+            if self.activation_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attention_mask, kv_cache,
+                                                      use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, attention_mask, kv_cache)
+        h = self.transformer.final_layernorm(h)
+        if return_hidden:
+            return h
+        logits = F.linear(tp.copy_to_tp(h), self.transformer.word_embeddings.weight)
+        return logits if parallel_output else tp.gather_last_dim(logits)
+
+    # ---- state dict: accept SAT's ignored rotary buffers ----------------------------------
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # ---- initialisation (spec §2.7) ------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None, std: float | None = None):
+        """DeepNorm init: Xavier-normal with gain (2N)^-1/2 on v, out, and the FFN matrices
+        (per logical matrix), N(0, std) on q, k and the embedding (std = sqrt(1/(3d)) by
+        default, 0.0052 at d = 12288), zero biases, unit LayerNorms.
+
+        Each tensor is drawn at its *global* shape from a generator seeded by ``seed`` and the
+        tensor name, then sliced to this rank's shard, so TP=1 and TP=k give the same model.
+        """
+        cfg = self.config
+        if cfg.quantization:
+            raise ValueError("cannot initialise a quantized model")
+        d, f = cfg.hidden_size, cfg.inner_hidden_size
+        std = std if std is not None else math.sqrt(1.0 / (3 * d))
+        gain = (2 * cfg.num_layers) ** -0.5
+        xav = lambda fi, fo: gain * math.sqrt(2.0 / (fi + fo))  # noqa: E731
+        from glmctl.tp_layout import shard_tensor
+        base = 1234 if seed is None else seed
+        for name, p in self.state_dict(keep_vars=True).items():
+            gen = torch.Generator().manual_seed((base * 1000003 + _stable_hash(name)) % (2**63))
+            if name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+                continue
+            if name.endswith(".bias"):
+                p.zero_()
+                continue
+            if name.endswith("word_embeddings.weight"):
+                full = torch.randn(cfg.vocab_size, d, generator=gen) * std
+            elif name.endswith("query_key_value.weight"):
+                # q, k ~ N(0, std); v Xavier(d, d) * gain. Rows are head-major [q|k|v] per head.
+                full = torch.randn(cfg.num_attention_heads, 3, cfg.head_dim, d, generator=gen)
+                full[:, :2] *= std
+                full[:, 2] *= xav(d, d)
+                full = full.reshape(3 * d, d)
+            elif name.endswith("attention.dense.weight"):
+                full = torch.randn(d, d, generator=gen) * xav(d, d)
+            elif name.endswith("dense_h_to_4h.weight"):
+                full = torch.randn(2 * f, d, generator=gen) * xav(d, f)
+            elif name.endswith("dense_4h_to_h.weight"):
+                full = torch.randn(d, f, generator=gen) * xav(f, d)
+            else:
+                raise AssertionError(f"no init rule for {name}")
+            p.copy_(shard_tensor(name, full, tp.tp_size(), tp.tp_rank()).to(p.dtype))
+        return self
+
+
+def _stable_hash(s: str) -> int:
+    import zlib
+    return zlib.crc32(s.encode())

@@ -1,0 +1,94 @@
+"""How each GLM-130B tensor splits across tensor-parallel ranks (spec §6.3-6.4).
+
+    column  (dim 0): query_key_value.{weight,bias}, word_embeddings.weight
+    glu     (dim 0): dense_h_to_4h.{weight,bias}; rank r = [rows r of first half ; rows r of second half]
+    row     (dim 1): attention.dense.weight, dense_4h_to_h.weight
+    replicated     : LayerNorms, attention.dense.bias, dense_4h_to_h.bias, rotary inv_freq
+
+Quantized ``*.weight_scale`` follow their weight: rows for column/glu; for row-parallel layers
+the scale is [out, groups] and splits on groups, which needs groups % tp == 0. A per-row scale
+[out] of a row-parallel layer can only live at TP=1 (GLM-130B's per-slice scales are the
+group_size = in/TP case). All functions are pure tensor ops: they never see a whole model.
+"""
+from __future__ import annotations
+
+import torch
+
+COLUMN, GLU, ROW, REPLICATED = "column", "glu", "row", "replicated"
+
+
+def classify(name: str) -> str:
+    base = name[: -len("_scale")] if name.endswith("_scale") else name
+    if "dense_h_to_4h" in base:
+        return GLU
+    if base.endswith("query_key_value.weight") or base.endswith("query_key_value.bias") \
+            or base.endswith("word_embeddings.weight"):
+        return COLUMN
+    if base.endswith("attention.dense.weight") or base.endswith("dense_4h_to_h.weight"):
+        return ROW
+    return REPLICATED
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def _row_dim(name: str, t: torch.Tensor) -> int:
+    if name.endswith("_scale") and t.dim() == 1:
+        raise LayoutError(f"{name}: a per-row scale of a row-parallel layer cannot be split; "
+                          "quantize with --group-size (a divisor of in/TP) to reshard without requantising")
+    return 1
+
+
+def shard_tensor(name: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """This rank's slice of a global tensor."""
+    if tp == 1:
+        return full
+    kind = classify(name)
+    if kind == REPLICATED:
+        return full
+    if kind == COLUMN:
+        return _chunk(name, full, tp, 0)[rank]
+    if kind == ROW:
+        return _chunk(name, full, tp, _row_dim(name, full))[rank]
+    # GLU: both halves split the same way, kept in [first ; second] order locally.
+    first, second = _chunk(name, full, 2, 0)
+    return torch.cat([_chunk(name, first, tp, 0)[rank], _chunk(name, second, tp, 0)[rank]], dim=0)
+
+
+def merge_tensors(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of shard_tensor: the global tensor from all ranks' slices, in rank order."""
+    tp = len(shards)
+    if tp == 1:
+        return shards[0]
+    kind = classify(name)
+    if kind == REPLICATED:
+        return shards[0]
+    if kind == COLUMN:
+        return torch.cat(shards, dim=0)
+    if kind == ROW:
+        return torch.cat(shards, dim=_row_dim(name, shards[0]))
+    halves = [s.chunk(2, dim=0) for s in shards]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+
+
+def reshard_tensor(name: str, shards: list[torch.Tensor], tp_out: int) -> list[torch.Tensor]:
+    """Source shards (any count) -> tp_out shards, through the global tensor of this one name."""
+    full = merge_tensors(name, shards)
+    return [shard_tensor(name, full, tp_out, r) for r in range(tp_out)]
+
+
+def _chunk(name, t, parts, dim):
+    if t.shape[dim] % parts:
+        raise LayoutError(f"{name}: dim {dim} of shape {tuple(t.shape)} does not split into {parts} parts")
+    return t.chunk(parts, dim=dim)
+
+
+def global_shape(name: str, local_shape: tuple, tp: int) -> tuple:
+    shape = list(local_shape)
+    kind = classify(name)
+    if tp == 1 or kind == REPLICATED:
+        return tuple(shape)
+    dim = 1 if kind == ROW else 0
+    shape[dim] *= tp
+    return tuple(shape)
