@@ -119,21 +119,31 @@ class ModelConfig:
         return cls.from_dict(d, source=str(path))
 
 
+def _own_vocab(cfg: ModelConfig) -> ModelConfig:
+    """Presets below GLM-130B have their own vocabulary: until a tokenizer says otherwise, the
+    8 GLM special tokens sit at vocab_size-64 ... (inside the padding), eos = 2 and pad = 0
+    (sentencepiece's defaults). `glmctl pretrain --tokenizer` replaces them with the tokenizer's."""
+    first = cfg.vocab_size - 64
+    return dataclasses.replace(cfg, mask_token_id=first, gmask_token_id=first + 1, smask_token_id=first + 2,
+                               eod_token_id=first + 3, sop_token_id=first + 4, eop_token_id=first + 5,
+                               eos_token_id=2, pad_token_id=0)
+
+
 def _glm_family(layers: int, hidden: int, heads: int, vocab: int = 50304) -> ModelConfig:
     # GLM family sizes (paper Table 10) with GLM-130B's architecture: GeGLU with inner size
     # 8/3*d (rounded up to a multiple of 64), DeepNorm, RoPE.
     inner = -(-(8 * hidden // 3) // 64) * 64
-    return ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                       inner_hidden_size=inner, vocab_size=vocab, max_sequence_length=2048)
+    return _own_vocab(ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                                  inner_hidden_size=inner, vocab_size=vocab, max_sequence_length=2048))
 
 
 PRESETS: dict[str, ModelConfig] = {
     # Tests: ~0.2M parameters.
-    "tiny": ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=128,
-                        vocab_size=512, max_sequence_length=256),
+    "tiny": _own_vocab(ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=128,
+                                   vocab_size=512, max_sequence_length=256)),
     # Trains usefully on a 2-core CPU in minutes: ~12M parameters at an 8k vocab.
-    "small": ModelConfig(num_layers=6, hidden_size=384, num_attention_heads=6, inner_hidden_size=1024,
-                         vocab_size=8192, max_sequence_length=512),
+    "small": _own_vocab(ModelConfig(num_layers=6, hidden_size=384, num_attention_heads=6,
+                                    inner_hidden_size=1024, vocab_size=8192, max_sequence_length=512)),
     "glm-110m": _glm_family(12, 768, 12),
     "glm-335m": _glm_family(24, 1024, 16),
     "glm-2b": _glm_family(36, 2048, 32),
