@@ -29,12 +29,12 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, dtype: 
     ``fp16_angles`` reproduces SAT 0.2.x, where inv_freq and positions are fp16 and the angle
     products are rounded to fp16 (coarse at large positions); otherwise angles are fp32.
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device,
-                                            dtype=torch.float32) / head_dim))
+    adt = torch.float64 if dtype == torch.float64 else torch.float32  # float64 only for reference checks
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=adt) / head_dim))
     if fp16_angles:
         angles = position_ids.to(torch.float16)[..., None] * inv_freq.to(torch.float16)
     else:
-        angles = position_ids.to(torch.float32)[..., None] * inv_freq
+        angles = position_ids.to(adt)[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [b, s, 1, d]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -98,7 +98,7 @@ class SelfAttention(nn.Module):
         # query_key_layer_scaling: divide by sqrt(d)*c in the model dtype, multiply c back in fp32.
         c = float(self.layer_id + 1)
         scores = torch.matmul(q / (math.sqrt(d) * c), k.transpose(-1, -2))  # [b, n, s, t]
-        scores = scores.float() * c
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * c  # fp32 softmax
         scores = scores.masked_fill(mask, -10000.0)
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         probs = self.attention_dropout(probs)
