@@ -87,12 +87,14 @@ def copy_tokenizer(src: str | Path | None, dst: Path) -> None:
 
 def save_model(model, path: str | Path, tokenizer: str | Path | None = None, *, stage: str = "model",
                config_extra: dict | None = None, inputs: list | None = None, summary: dict | None = None,
-               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, write_extra=None) -> Path:
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, write_extra=None,
+               status: str = "complete") -> Path:
     """Save ``model`` (a GLM) as a native checkpoint at ``path``, atomically.
 
     Under tensor parallelism every rank of the TP group calls this; each writes its own file and
     rank 0 writes config.json, the tokenizer and the manifest once all files are complete.
     ``write_extra(directory)`` (every rank) adds files (e.g. trainer state) before the manifest.
+    ``status`` goes into the manifest ("failed-gate": complete and readable, but a quality gate tripped).
     """
     from glmctl.model import parallel as tp
     path = Path(path)
@@ -102,6 +104,7 @@ def save_model(model, path: str | Path, tokenizer: str | Path | None = None, *, 
     run_cfg = {"model": cfg.to_dict(), **(config_extra or {})}
     if tp_size == 1:
         with ArtifactWriter(path, stage=stage, config=run_cfg, inputs=inputs) as w:
+            w.status = status
             wm = write_rank_files(w.path, sd, 0, 1, max_shard_bytes)
             _finish_files(w.path, cfg, {0: wm}, tokenizer)
             if write_extra is not None:
@@ -122,6 +125,7 @@ def save_model(model, path: str | Path, tokenizer: str | Path | None = None, *, 
     if rank == 0:
         _finish_files(tmp, cfg, dict(enumerate(maps)), tokenizer)
         w = ArtifactWriter(path, stage=stage, config=run_cfg, inputs=inputs)
+        w.status = status
         w.path = tmp
         w.started = None
         w.summary.update(summary or {})
