@@ -93,6 +93,9 @@ _register_commands()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected failures print one line and exit with their code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # `glmctl` alone: the stages in pipeline order, on stdout
+        argv = ["--help"]
     try:
         app(args=argv, standalone_mode=False, prog_name="glmctl")
     except GlmctlError as e:
@@ -106,12 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("glmctl: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # noqa: BLE001 - usage errors of click / typer's vendored click
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
+        if type(e).__name__ == "Exit" and hasattr(e, "exit_code"):
             sys.exit(e.exit_code)
         if os.environ.get("GLMCTL_DEBUG"):
             raise
