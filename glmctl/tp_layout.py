@@ -12,6 +12,8 @@ group_size = in/TP case). All functions are pure tensor ops: they never see a wh
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 COLUMN, GLU, ROW, REPLICATED = "column", "glu", "row", "replicated"
@@ -92,3 +94,56 @@ def global_shape(name: str, local_shape: tuple, tp: int) -> tuple:
     dim = 1 if kind == ROW else 0
     shape[dim] *= tp
     return tuple(shape)
+
+
+# ---- quantization scales: group size changes that keep the weights exact -----------------------
+# A ``weight_scale`` is [out] (one scale per output row: group = all input columns) or
+# [out, in/G] (one per row and group of G columns). GLM-130B's per-rank row scales are group
+# scales with G = in/TP ("per-slice scales are group scales"), so a scale can be re-expressed
+# at another group size without touching the int8 weights: repeating it to smaller groups is
+# always exact; merging groups is exact only where the merged groups hold equal scales.
+
+def regroup_scale(name: str, scale: torch.Tensor, in_features: int, group_from: int | None,
+                  group_to: int | None) -> torch.Tensor:
+    """``scale`` of a weight with ``in_features`` input columns, from group size ``group_from``
+    to ``group_to`` (None = per row). Raises LayoutError when merging groups would lose values."""
+    g_from, g_to = group_from or in_features, group_to or in_features
+    if g_from == g_to:
+        return scale
+    for g in (g_from, g_to):
+        if in_features % g:
+            raise LayoutError(f"{name}: group size {g} does not divide {in_features} input columns")
+    s = scale if scale.dim() == 2 else scale[:, None]  # [out, in/g_from]
+    if s.shape[1] != in_features // g_from:
+        raise LayoutError(f"{name}: scale of shape {tuple(scale.shape)} does not match group size {g_from} "
+                          f"over {in_features} columns")
+    fine = math.gcd(g_from, g_to)
+    if fine != g_from:  # repeat each scale over the smaller groups (exact)
+        s = s.repeat_interleave(g_from // fine, dim=1)
+    if fine != g_to:  # merge groups: every merged group must hold one value
+        k = g_to // fine
+        s = s.reshape(s.shape[0], -1, k)  # [out, in/g_to, k]
+        if not s.is_meta and not bool((s == s[..., :1]).all()):
+            raise LayoutError(f"{name}: scales differ inside groups of {g_to} input columns, so they cannot "
+                              f"be stored {'per row' if group_to is None else f'with group size {g_to}'}")
+        s = s[..., 0]
+    return s[:, 0].contiguous() if group_to is None else s.contiguous()
+
+
+def group_splits(group: int | None, in_features: int, tp: int) -> bool:
+    """Whether scales with this group size split over ``tp`` ranks of a row-parallel layer."""
+    if in_features % tp:
+        return False
+    if group is None:
+        return tp == 1
+    return (in_features // tp) % group == 0
+
+
+def linear_in_features(name: str, hidden_size: int, inner_hidden_size: int) -> int | None:
+    """Global input columns of the linear layer a ``weight``/``weight_scale`` belongs to."""
+    base = name[: -len("_scale")] if name.endswith("_scale") else name
+    if base.endswith("dense_4h_to_h.weight"):
+        return inner_hidden_size
+    if base.endswith(("query_key_value.weight", "attention.dense.weight", "dense_h_to_4h.weight")):
+        return hidden_size
+    return None
