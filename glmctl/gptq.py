@@ -1,0 +1,225 @@
+"""GPTQ: error-compensating weight quantization (Frantar et al. 2022, arXiv 2210.17323).
+
+For one linear layer y = x W^T with calibration inputs X, GPTQ quantizes W column by column
+and, after each column, spreads that column's rounding error over the columns not yet quantized
+so that ||X W^T - X Q^T||^2 stays small. With H = 2 X^T X / n (the Hessian of that loss):
+
+    H += damp * mean(diag H) * I                  (dampening, keeps H positive definite)
+    U  = cholesky(H^-1)^T  (upper)                (all the row-wise inverse Hessians at once)
+    for each block of B columns (lazy batch updates):
+        for column j in the block:
+            q_j   = quant(w_j)                     (symmetric absmax grid, see below)
+            e_j   = (w_j - q_j) / U[j, j]
+            W[:, j+1:block end] -= e_j U[j, j+1:block end]
+        W[:, block end:] -= E_block U[block, block end:]   (one matmul per block)
+
+The grid is exactly glmctl's on-disk format (spec §7.1, kernels/reference.py): q in
+[-(2^(b-1)-1), 2^(b-1)-1], no zero point, scale = absmax / (2^(b-1)-1) stored in fp16,
+one per output row or per row and group of ``group_size`` input columns. Group scales are taken
+from the (error-updated) weights when their group is reached, as in the paper; with
+``act_order`` (columns visited by decreasing diag H) they are fixed up front from the original
+weights ("static groups"), so the groups stay contiguous and the format does not change.
+
+``gptq_model`` runs this over a GLM layer by layer: the calibration windows go through the
+network once up to layer 0; then for each layer the inputs of its four linears are collected
+with forward hooks, in execution order (qkv, dense, h_to_4h, 4h_to_h: each one sees the
+already quantized linears before it), and the layer's quantized output feeds the next layer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from glmctl.kernels.reference import pack_int4
+
+# The four linears of a GLM block that are quantized, in the order a forward pass reaches them.
+LINEAR_NAMES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+
+class Hessian:
+    """Running H = 2/n * sum x x^T over the rows of every batch given to ``add``."""
+
+    def __init__(self, in_features: int, device=None):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.H.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * math.sqrt(2.0 / self.n)
+        self.H.addmm_(x.t(), x)
+
+
+@dataclass
+class GPTQResult:
+    qweight: torch.Tensor  # int8 [n, k] (INT8) or [n, k/2] (INT4, packed)
+    scale: torch.Tensor  # [n] or [n, k/G], scale_dtype
+    dequantized: torch.Tensor  # fp32 [n, k] == dequantize(qweight, scale) exactly
+    damp: float  # the relative dampening finally used
+
+
+def _absmax_scale(w: torch.Tensor, qmax: int, scale_dtype) -> torch.Tensor:
+    """Per-row scale of ``w`` [n, c] on glmctl's grid, rounded to ``scale_dtype``."""
+    if scale_dtype == torch.float16:  # as GLM-130B: absmax and the division in fp16
+        return (w.to(torch.float16).abs().amax(dim=1) / qmax).to(scale_dtype)
+    return (w.abs().amax(dim=1) / qmax).to(scale_dtype)
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 6):
+    """Upper Cholesky factor of (H + damp*mean(diag)*I)^-1, raising damp tenfold on failure."""
+    k = H.shape[0]
+    mean_diag = torch.diagonal(H).mean().clamp_min(1e-12)
+    eye = torch.eye(k, dtype=H.dtype, device=H.device)
+    d = damp
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U, d
+        d = d * 10 if d > 0 else 1e-4
+    raise ValueError(f"Hessian is not positive definite even with dampening {d:g}")
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
+                  block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                  scale_dtype: torch.dtype = torch.float16) -> GPTQResult:
+    """Quantize one weight [n, k] given the Hessian H [k, k] of its inputs (see module docstring)."""
+    if bits not in (4, 8):
+        raise ValueError(f"unsupported bit width {bits}; choose 4 or 8")
+    W = weight.detach().to(H.device, torch.float32).clone()
+    n, k = W.shape
+    if H.shape != (k, k):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match {k} input columns")
+    if group_size is not None and k % group_size:
+        raise ValueError(f"group size {group_size} does not divide {k} columns")
+    qmax = 2 ** (bits - 1) - 1
+    H = H.to(torch.float32).clone()
+    dead = torch.diagonal(H) == 0  # inputs never active in calibration: no cross terms, plain rounding
+    H[dead, dead] = 1.0
+
+    ngroups = k // group_size if group_size else 1
+    scales = torch.zeros(n, ngroups, dtype=scale_dtype, device=W.device)
+    static = group_size is None or act_order
+    if group_size is None:
+        scales[:, 0] = _absmax_scale(W, qmax, scale_dtype)
+    elif act_order:
+        for g in range(ngroups):
+            scales[:, g] = _absmax_scale(W[:, g * group_size:(g + 1) * group_size], qmax, scale_dtype)
+
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, used_damp = _inverse_cholesky(H, damp)
+
+    # Dynamic group scales need a whole group inside one block.
+    if group_size and not static:
+        block_size = group_size * max(1, -(-block_size // group_size))
+    Q = torch.zeros(n, k, dtype=torch.int8, device=W.device)
+    Wq = torch.zeros_like(W)
+    col_group = ((perm if perm is not None else torch.arange(k, device=W.device)) // group_size
+                 if group_size else torch.zeros(k, dtype=torch.long, device=W.device))
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not static and col % group_size == 0:
+                scales[:, col // group_size] = _absmax_scale(W1[:, i:i + group_size], qmax, scale_dtype)
+            s = scales[:, col_group[col]].to(torch.float32)
+            w = W1[:, i]
+            q = torch.round(w / torch.where(s == 0, torch.ones_like(s), s)).clamp_(-qmax, qmax)
+            dq = q * s
+            Q[:, col] = q.to(torch.int8)
+            Wq[:, col] = dq
+            err = (w - dq) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q, Wq = Q[:, inv], Wq[:, inv]
+    scale = scales if group_size else scales[:, 0]
+    qweight = pack_int4(Q) if bits == 4 else Q
+    return GPTQResult(qweight.contiguous(), scale.contiguous(), Wq, used_damp)
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the wanted activations are captured."""
+
+
+@torch.no_grad()
+def gptq_model(model, batches, bits: int, group_size: int | None = None, *, block_size: int = 128,
+               damp: float = 0.01, act_order: bool = False, scale_dtype: torch.dtype = torch.float16,
+               progress=None) -> dict[str, GPTQResult]:
+    """GPTQ over every layer of a (TP=1, fp) GLM, sequentially.
+
+    ``batches``: iterable of (tokens [b, s], position_ids [b, s], attention_mask) calibration
+    inputs on the model's device. Returns {state-dict weight name: GPTQResult}. The model's
+    four linear weights per layer are overwritten by their dequantized values as it goes
+    (later layers are calibrated on the outputs of the quantized earlier ones).
+    ``progress(done_matrices)`` is called after each matrix.
+    """
+    model.eval()
+    layers = model.transformer.layers
+    batches = list(batches)
+    # 1. The inputs of layer 0 for every calibration batch (hidden states, cos, sin, mask).
+    captured = []
+
+    def grab(_mod, args):
+        captured.append(tuple(args[:4]))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab)
+    try:
+        for tokens, positions, mask in batches:
+            try:
+                model(tokens, positions, mask)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    hidden = [c[0] for c in captured]
+    rest = [c[1:] for c in captured]  # (cos, sin, mask): the same for every layer
+
+    results: dict[str, GPTQResult] = {}
+    done = 0
+    for li, layer in enumerate(layers):
+        for name in LINEAR_NAMES:
+            linear = layer.get_submodule(name)
+            hess = Hessian(linear.weight.shape[1], device=linear.weight.device)
+
+            def collect(_mod, inp, _out, hess=hess):
+                hess.add(inp[0])
+                raise _Stop
+
+            h = linear.register_forward_hook(collect)
+            try:
+                for x, (cos, sin, mask) in zip(hidden, rest):
+                    try:
+                        layer(x, cos, sin, mask, None)
+                    except _Stop:
+                        pass
+            finally:
+                h.remove()
+            res = gptq_quantize(linear.weight, hess.H, bits, group_size, block_size=block_size, damp=damp,
+                                act_order=act_order, scale_dtype=scale_dtype)
+            linear.weight.copy_(res.dequantized.to(linear.weight.dtype))
+            results[f"transformer.layers.{li}.{name}.weight"] = res
+            del hess
+            done += 1
+            if progress is not None:
+                progress(done)
+        hidden = [layer(x, cos, sin, mask, None) for x, (cos, sin, mask) in zip(hidden, rest)]
+    return results
