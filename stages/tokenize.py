@@ -831,7 +831,8 @@ def train_tokenizer(config: TrainConfig) -> dict:
             num_threads=threads, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
             **SENTENCEPIECE_OPTIONS)
     except RuntimeError as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        msg = msg.split("] ", 1)[-1]  # drop sentencepiece's "INTERNAL: file.cc(638) [check]" prefix
         raise UsageError(f"sentencepiece could not train: {msg} (try a different --vocab-size, a larger "
                          f"--sample-size or a lower --character-coverage)") from None
     seconds = time.monotonic() - t0
