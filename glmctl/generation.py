@@ -20,6 +20,7 @@ right, one decoding round each, every round seeing the earlier blanks already fi
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -535,12 +536,17 @@ def fill_batch(model, prompts: list[list[int]], ids: dict, gen: GenerationConfig
                seeds: list[int | None] | None = None,
                on_blank_start: Callable[[int, int, list[int], int], None] | None = None) -> list[FillResult]:
     """``fill`` for several prompts; round r decodes the r-th blank of every prompt together.
+    Spans never contain a mask token or <sop> (they are banned while filling).
 
     on_token(prompt_index, blank_index, token); on_blank_start(prompt_index, blank_index,
     current_tokens, mask_index) before each blank (streaming uses both). ``seeds`` gives each
     prompt its sampling seed (each blank then gets a seed derived from it).
     """
     gen.validate()
+    # a generated mask token would be read as a new blank (and could loop forever), a generated
+    # <sop> as the start of a span: neither may appear inside a span
+    never = tuple(ids[m] for m in MASK_NAMES) + (ids["sop"],)
+    gen = dataclasses.replace(gen, banned_token_ids=tuple(gen.banned_token_ids) + never)
     states = []
     for p in prompts:
         toks = prepare_prompt(list(p), ids)  # appends either [gMASK] or eos, never both
@@ -586,7 +592,8 @@ def fill_batch(model, prompts: list[list[int]], ids: dict, gen: GenerationConfig
 def fill(model, tokens: list[int], ids: dict, gen: GenerationConfig) -> tuple[list[int], list[tuple[int, list[int]]]]:
     """GLM-130B's generate.py semantics (spec §4.3): the blanks of the mask in use are filled
     left to right, one at a time, each seeing the earlier ones filled; with no mask, [gMASK] is
-    appended and the text continued. Returns (final tokens, [(start index, generated ids)])."""
+    appended and the text continued. Mask tokens and <sop> are banned inside spans (a generated
+    mask would become a new blank). Returns (final tokens, [(start index, generated ids)])."""
     r = fill_batch(model, [list(tokens)], ids, gen)[0]
     return r.tokens, r.spans
 

@@ -47,7 +47,7 @@ def model():
 
 
 # ---- the naive reference: full forward over the whole sequence at every step ---------------
-def naive_span(model, context, steps, ends=ENDS):
+def naive_span(model, context, steps, ends=ENDS, banned=()):
     """Spec §4.2-4.3 written directly: tokens = context + <sop>; context bidirectional; [gMASK]
     positions continue, [MASK] spans sit at the mask's position; argmax each step."""
     mask_id = M if M in context else (S if S in context else G)
@@ -60,8 +60,9 @@ def naive_span(model, context, steps, ends=ENDS):
             seq = tokens + gen
             pos = list(range(n)) + ([n + k for k in range(len(gen) + 1)] if mask_id == G
                                     else [mi] * (len(gen) + 1))
-            logits = model(torch.tensor([seq]), torch.tensor([pos]), prefix_lm_mask(len(seq), n))[0, -1]
-            t = int(logits.float().argmax())
+            logits = model(torch.tensor([seq]), torch.tensor([pos]), prefix_lm_mask(len(seq), n))[0, -1].float()
+            logits[list(banned)] = -float("inf")
+            t = int(logits.argmax())
             if t in ends:
                 return gen, t
             gen.append(t)
@@ -73,8 +74,8 @@ def naive_fill(model, prompt, steps):
     appended_eos = len(tokens) > len(prompt) and tokens[-1] == IDS["eos"]
     mask_id = M if M in tokens else (S if S in tokens else G)
     spans = []
-    while mask_id in tokens:
-        gen, _ = naive_span(model, tokens, steps)
+    while mask_id in tokens:  # fill() bans mask tokens and <sop> inside spans
+        gen, _ = naive_span(model, tokens, steps, banned=(M, S, G, IDS["sop"]))
         i = tokens.index(mask_id)
         tokens = tokens[:i] + gen + tokens[i + 1:]
         spans.append((i, gen))
