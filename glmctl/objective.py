@@ -23,6 +23,7 @@ processes and restartable from a sample count alone.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -123,13 +124,24 @@ def masked_target(n: int, mask_prob: float) -> int:
 
 def draw_span_lengths(target: int, rng: np.random.Generator, cfg: ObjectiveConfig) -> list[int]:
     """Span lengths drawn until they cover ``target`` tokens (the last one may overshoot)."""
-    pmf = span_length_pmf(cfg.span_lambda, cfg.max_span)
+    cdf = _span_cdf(cfg.span_lambda, cfg.max_span)
     out, total = [], 0
     while total < target:
-        n = int(rng.choice(cfg.max_span, p=pmf)) + 1
-        out.append(n)
-        total += n
+        # Inverse-CDF draws in blocks of about the expected count; only the ones needed are kept.
+        block = np.searchsorted(cdf, rng.random(max(4, (target - total) // 3 + 4)), side="right") + 1
+        for n in block.tolist():
+            out.append(n)
+            total += n
+            if total >= target:
+                break
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _span_cdf(lam: float, max_span: int) -> np.ndarray:
+    cdf = np.cumsum(span_length_pmf(lam, max_span))
+    cdf[-1] = 1.0
+    return cdf[:-1]  # searchsorted over the inner edges gives 0..max_span-1
 
 
 def place_spans(lengths: list[int], n: int, rng: np.random.Generator) -> list[tuple[int, int]]:

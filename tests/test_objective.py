@@ -107,6 +107,7 @@ def test_attention_mask_follows_the_rules(kind):
         assert seq.sample.max() >= 1  # several samples packed
 
 
+@pytest.mark.slow
 def test_packed_samples_never_attend_across_each_other():
     """Each packed sample's logits equal those of the sample run alone in the real network."""
     torch.manual_seed(0)
