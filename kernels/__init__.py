@@ -1,16 +1,177 @@
 """Quantized linear kernels: one entry point, ``quant_linear``.
 
-Dispatch: CUDA extension for CUDA tensors -> compiled CPU extension -> torch reference.
-(Only the reference exists so far; see kernels/reference.py for the format.)
+    y = quant_linear(x, qweight, scale, bias=None, bits=4)     # x [..., k] -> y [..., n], x.dtype
+
+Dispatch, per call:
+  * CUDA tensors -> ``torch.ops.glmctl.quant_linear`` from the CUDA extension (``_cuda``):
+    fused dequantize-in-registers tensor-core kernel for small m, dequantize + cuBLAS above;
+  * CPU tensors  -> the same op from the C++ CPU extension (``_cpu``, AVX2/FMA + OpenMP);
+  * otherwise (extension not built or failed to load, unsupported dtype/device) -> the torch
+    reference ``quant_linear_ref``, which defines the right answer.  A missing or broken
+    extension is reported once per process with a RuntimeWarning; results are never wrong.
+
+The on-disk format is the canonical one of ``reference.py``; kernels read it as is.
+``status()`` says which implementation serves each device and why (``glmctl kernels``).
+Importing this module is cheap: the extensions load on first use.
 """
 from __future__ import annotations
 
-from glmctl.kernels.reference import (dequantize, pack_int4, quant_linear_ref, quantize_rtn,  # noqa: F401
-                                      unpack_int4)
+import importlib
+import os
+import threading
+import warnings
+
+import torch
+
+from .reference import (dequantize, pack_int4, quant_linear_ref, quantize_rtn,  # noqa: F401
+                        unpack_int4)
+
+__all__ = ["quant_linear", "quant_linear_ref", "pack_int4", "unpack_int4", "dequantize", "quantize_rtn",
+           "status"]
+
+_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_lock = threading.Lock()
+# backend -> {"ok": bool, "error": str | None, "path": str | None, "module": module | None}
+_loaded: dict[str, dict] = {}
+_warned = False
+_fake_registered = False
+
+
+def _import_extension(name: str):
+    """Import ``glmctl.kernels.<name>`` (a separate function so tests can simulate failures)."""
+    return importlib.import_module(f".{name}", __package__)
+
+
+def _register_fake() -> None:
+    """Shape function for torch.compile / FakeTensor tracing."""
+    global _fake_registered
+    if _fake_registered:
+        return
+    _fake_registered = True
+    try:
+        @torch.library.register_fake("glmctl::quant_linear")
+        def _quant_linear_fake(x, qweight, scale, bias=None, bits=4, path=0):
+            return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+    except Exception:  # noqa: BLE001 - already registered (e.g. a Meta kernel) or old torch
+        pass
+
+
+def _load(backend: str) -> dict:
+    """Load the extension serving ``backend`` ("cpu" or "cuda") once; never raises."""
+    info = _loaded.get(backend)
+    if info is not None:
+        return info
+    with _lock:
+        info = _loaded.get(backend)
+        if info is not None:
+            return info
+        if os.environ.get("GLMCTL_KERNELS") == "reference":
+            info = {"ok": False, "error": "disabled by GLMCTL_KERNELS=reference", "path": None,
+                    "module": None, "disabled": True}
+        else:
+            names = ["_cpu"] if backend == "cpu" else ["_cpu", "_cuda"]  # _cpu defines the op schemas
+            info = {"ok": True, "error": None, "path": None, "module": None}
+            for name in names:
+                try:
+                    mod = _import_extension(name)
+                except Exception as e:  # noqa: BLE001 - ImportError, OSError (bad .so), ...
+                    info = {"ok": False, "path": None, "module": None,
+                            "error": f"glmctl.kernels.{name}: {type(e).__name__}: {e}"}
+                    break
+                info["module"], info["path"] = mod, getattr(mod, "__file__", None)
+            if info["ok"]:
+                _register_fake()
+        _loaded[backend] = info
+        return info
+
+
+def _warn_fallback(backend: str, info: dict) -> None:
+    global _warned
+    if _warned or info.get("disabled"):
+        return
+    _warned = True
+    warnings.warn(f"glmctl.kernels: the compiled {backend.upper()} kernel is unavailable ({info['error']}); "
+                  f"using the slower torch reference (rebuild with `pip install --no-build-isolation -e .`; "
+                  f"`glmctl kernels` shows the status)", RuntimeWarning, stacklevel=3)
+
+
+def _cuda_device_ok(device: torch.device) -> bool:
+    """The compiled CUDA archs can run on this device (cached per device index)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cache = _loaded["cuda"].setdefault("device_ok", {})
+    if idx not in cache:
+        cache[idx] = _arch_supported(torch.cuda.get_device_capability(idx), _cuda_archs())
+    return cache[idx]
+
+
+def _cuda_archs() -> list[int]:
+    try:
+        return [int(a) for a in str(torch.ops.glmctl.cuda_build_info()).split("archs=")[1].split()[0].split(",")
+                if a]
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def _arch_supported(cap: tuple[int, int], archs: list[int]) -> bool:
+    """A cubin for sm_XY runs on devices of the same major version and minor >= Y."""
+    major, minor = cap
+    return any(a // 10 == major and a % 10 <= minor for a in archs)
 
 
 def quant_linear(x, qweight, scale, bias=None, bits: int = 4):
-    """y = x @ dequant(qweight, scale)^T + bias, in x's dtype; x [..., k]."""
+    """y = x @ dequant(qweight, scale)^T + bias, in x's dtype; x [..., k] -> [..., n]."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda"):
+        info = _loaded.get(dev) or _load(dev)
+        if info["ok"]:
+            if (x.dtype in (_CPU_DTYPES if dev == "cpu" else _CUDA_DTYPES)
+                    and scale.dtype in _SCALE_DTYPES and qweight.dtype == torch.int8
+                    and (dev == "cpu" or _cuda_device_ok(x.device))):
+                return torch.ops.glmctl.quant_linear(x, qweight, scale, bias, bits, 0)
+        else:
+            _warn_fallback(dev, info)
     shape = x.shape
     y = quant_linear_ref(x.reshape(-1, shape[-1]), qweight, scale, bias, bits)
     return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def status() -> dict:
+    """Which implementation serves CPU and CUDA tensors, and why."""
+    out: dict = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    cpu = _load("cpu")
+    if cpu["ok"]:
+        out["cpu"] = {"implementation": "extension", "extension": cpu["path"],
+                      "isa": str(torch.ops.glmctl.cpu_isa()), "threads": torch.get_num_threads(),
+                      "reason": "compiled C++ kernel (AVX2/FMA when the CPU has it, OpenMP threads)"}
+    else:
+        out["cpu"] = {"implementation": "reference", "extension": None, "reason": cpu["error"]}
+    cuda: dict = {}
+    if not torch.version.cuda:
+        cuda = {"implementation": "unavailable", "reason": "torch is not a CUDA build"}
+    else:
+        info = _load("cuda")
+        if info["ok"]:
+            build = str(torch.ops.glmctl.cuda_build_info())
+            archs = _cuda_archs()
+            cuda = {"implementation": "extension", "extension": info["path"], "build": build,
+                    "compiled_archs": [f"sm_{a}" for a in archs]}
+        else:
+            cuda = {"implementation": "reference", "extension": None, "reason": info["error"]}
+        if torch.cuda.is_available():
+            cap = torch.cuda.get_device_capability()
+            cuda["device"] = f"{torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})"
+            if info["ok"] and not _arch_supported(cap, _cuda_archs()):
+                cuda["implementation"] = "reference"
+                cuda["reason"] = (f"the extension was not compiled for sm_{cap[0]}{cap[1]}; rebuild with "
+                                  f"TORCH_CUDA_ARCH_LIST={cap[0]}.{cap[1]}")
+            elif info["ok"]:
+                cuda["reason"] = "fused CUDA kernel (tensor-core GEMV/GEMM small m, dequantize + cuBLAS large m)"
+        else:
+            cuda["device"] = None
+            if info["ok"]:
+                cuda["reason"] = "extension loaded, but no CUDA device is visible"
+    out["cuda"] = cuda
+    return out

@@ -1,0 +1,541 @@
+// CPU weight-only quantized linear: y = x · dequant(qweight, scale)^T + bias.
+//
+// Canonical format (kernels/reference.py): qweight int8 [n, k] (INT8) or [n, k/2] (INT4: column
+// 2j in the high nibble, 2j+1 in the low nibble, two's complement); scale [n] or [n, k/G].
+//
+// The weight is never dequantized as a whole.  Work is split over blocks of RB output rows
+// (at::parallel_for, i.e. torch's OpenMP pool).  For each block the k dimension is walked in
+// chunks of KC columns: the RB x KC weight slice is unpacked and scaled into an L1-resident fp32
+// buffer (each weight byte is read from memory exactly once), then every row of x is multiplied
+// against it with fp32 FMAs.  For INT4 the 16 columns of each 8-byte block are unpacked as
+// [8 high nibbles | 8 low nibbles] = columns [0,2,..,14 | 1,3,..,15]; x is permuted the same way
+// once per call, so unpacking needs no shuffles (a dot product does not care about the order).
+//
+// AVX2+FMA code paths are compiled with a function-level target attribute and chosen at run time
+// (__builtin_cpu_supports), so the library loads on any x86-64 CPU and falls back to a scalar
+// path there.  For large m the kernel dequantizes row panels to fp32 and calls at::mm (MKL/BLAS
+// is far better at compute-bound shapes); the result is the same fp32 product.
+//
+// This file also defines the `glmctl` op library (schemas, CPU kernels) and the Python module
+// `glmctl.kernels._cpu`.  The CUDA kernels register into the same namespace from `_cuda`.
+
+// Lean includes (not ATen/ATen.h): this file is compiled by every `pip install -e .`.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <Python.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define GLMCTL_X86 1
+#include <immintrin.h>
+#else
+#define GLMCTL_X86 0
+#endif
+
+namespace glmctl {
+namespace {
+
+constexpr int RB = 4;          // output rows per block
+constexpr int64_t KC = 512;    // columns per chunk (RB * KC * 4 bytes = 8 KiB, stays in L1)
+// m at or above which the CPU op dequantizes row panels and calls at::mm instead (see bench).
+constexpr int64_t kCpuMatmulMinM = 48;
+constexpr int64_t kDirectMaxM = 4;       // m up to which the register-only path is used
+constexpr int64_t kPanelBytes = 4 << 20;  // fp32 bytes of one dequantized row panel
+
+std::atomic<bool> g_force_scalar{false};
+
+bool cpu_has_avx2() {
+#if GLMCTL_X86 && (defined(__GNUC__) || defined(__clang__))
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool use_avx2() { return cpu_has_avx2() && !g_force_scalar.load(std::memory_order_relaxed); }
+
+inline float load_f(const void* p, at::ScalarType t, int64_t i) {
+  switch (t) {
+    case at::kFloat: return static_cast<const float*>(p)[i];
+    case at::kHalf: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+    case at::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+    default: return 0.f;
+  }
+}
+
+inline void store_f(void* p, at::ScalarType t, int64_t i, float v) {
+  switch (t) {
+    case at::kFloat: static_cast<float*>(p)[i] = v; break;
+    case at::kHalf: static_cast<c10::Half*>(p)[i] = c10::Half(v); break;
+    case at::kBFloat16: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v); break;
+    default: break;
+  }
+}
+
+// Position of column c inside the unpacked/permuted buffer (INT4: per 16-column block,
+// even columns first, then odd ones).
+inline int64_t perm4(int64_t c) {
+  const int64_t j = c & 15;
+  return (c & ~int64_t(15)) + ((j & 1) ? 8 + (j >> 1) : (j >> 1));
+}
+
+struct Problem {
+  int64_t m, n, k, Kp;  // Kp: k rounded up to 16
+  int bits;
+  int64_t ng, G;        // groups per row (1 = per-row scale) and group size (k / ng)
+  bool vec_groups;      // every 16 (INT4) / 8 (INT8) column block lies inside one group
+  const int8_t* qw;
+  int64_t row_bytes;
+  const void* scale;
+  at::ScalarType stype;
+};
+
+inline int nibble_hi(int8_t b) { return ((((int)b >> 4) & 0xF) ^ 8) - 8; }
+inline int nibble_lo(int8_t b) { return (((int)b & 0xF) ^ 8) - 8; }
+
+// Generic dequantization of row r, columns [c0, c1) (c0 a multiple of 16, c1 <= Kp) into
+// w[0 .. c1-c0) in buffer order; columns >= k become 0.
+void dequant_chunk_scalar(const Problem& p, int64_t r, int64_t c0, int64_t c1, float* w) {
+  const int8_t* q = p.qw + r * p.row_bytes;
+  const int64_t srow = r * p.ng;
+  std::fill(w, w + (c1 - c0), 0.f);
+  const int64_t cend = std::min(c1, p.k);
+  for (int64_t c = c0; c < cend; ++c) {
+    const float s = load_f(p.scale, p.stype, srow + c / p.G);
+    int v;
+    int64_t pos;
+    if (p.bits == 4) {
+      const int8_t b = q[c >> 1];
+      v = (c & 1) ? nibble_lo(b) : nibble_hi(b);
+      pos = perm4(c);
+    } else {
+      v = q[c];
+      pos = c;
+    }
+    w[pos - c0] = static_cast<float>(v) * s;
+  }
+}
+
+void dequant_chunk_fast_scalar(const Problem& p, int64_t r, int64_t c0, int64_t c1, float* w) {
+  if (!p.vec_groups) return dequant_chunk_scalar(p, r, c0, c1, w);
+  const int8_t* q = p.qw + r * p.row_bytes;
+  const int64_t srow = r * p.ng;
+  const int64_t blk = p.bits == 4 ? 16 : 8;
+  const int64_t full_end = std::min(c1, (p.k / blk) * blk);
+  int64_t c = c0;
+  for (; c < full_end; c += blk) {
+    const float s = load_f(p.scale, p.stype, srow + c / p.G);
+    float* o = w + (c - c0);
+    if (p.bits == 4) {
+      const int8_t* b = q + (c >> 1);
+      for (int j = 0; j < 8; ++j) {
+        o[j] = static_cast<float>(nibble_hi(b[j])) * s;
+        o[8 + j] = static_cast<float>(nibble_lo(b[j])) * s;
+      }
+    } else {
+      for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(q[c + j]) * s;
+    }
+  }
+  if (c < c1) dequant_chunk_scalar(p, r, c, c1, w + (c - c0));
+}
+
+// res[i*RB + r] += sum_c x[i][c] * w[r][c]
+template <int MB>
+void micro_scalar(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* acc) {
+  for (int i = 0; i < MB; ++i) {
+    for (int r = 0; r < RB; ++r) {
+      const float* xi = x + i * ldx;
+      const float* wr = w + r * ldw;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      for (int64_t c = 0; c < len; c += 4) {
+        s0 += xi[c] * wr[c];
+        s1 += xi[c + 1] * wr[c + 1];
+        s2 += xi[c + 2] * wr[c + 2];
+        s3 += xi[c + 3] * wr[c + 3];
+      }
+      acc[(i * RB + r) * 8] += (s0 + s1) + (s2 + s3);
+    }
+  }
+}
+
+#if GLMCTL_X86
+#define GLMCTL_AVX2 __attribute__((target("avx2,fma")))
+
+GLMCTL_AVX2 void dequant_chunk_avx2(const Problem& p, int64_t r, int64_t c0, int64_t c1, float* w) {
+  if (!p.vec_groups) return dequant_chunk_scalar(p, r, c0, c1, w);
+  const int8_t* q = p.qw + r * p.row_bytes;
+  const int64_t srow = r * p.ng;
+  const int64_t blk = p.bits == 4 ? 16 : 8;
+  const int64_t full_end = std::min(c1, (p.k / blk) * blk);
+  int64_t c = c0;
+  // Walk the groups incrementally (no division per block).
+  int64_t g = c0 / p.G;
+  int64_t gend = (g + 1) * p.G;
+  __m256 s = _mm256_set1_ps(load_f(p.scale, p.stype, srow + g));
+  if (p.bits == 4) {
+    for (; c < full_end; c += 16) {
+      if (c >= gend) {
+        g = c / p.G;
+        gend = (g + 1) * p.G;
+        s = _mm256_set1_ps(load_f(p.scale, p.stype, srow + g));
+      }
+      const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (c >> 1))));
+      const __m256i hi = _mm256_srai_epi32(v, 4);
+      const __m256i lo = _mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28);
+      _mm256_storeu_ps(w + (c - c0), _mm256_mul_ps(_mm256_cvtepi32_ps(hi), s));
+      _mm256_storeu_ps(w + (c - c0) + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(lo), s));
+    }
+  } else {
+    for (; c < full_end; c += 8) {
+      if (c >= gend) {
+        g = c / p.G;
+        gend = (g + 1) * p.G;
+        s = _mm256_set1_ps(load_f(p.scale, p.stype, srow + g));
+      }
+      const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + c)));
+      _mm256_storeu_ps(w + (c - c0), _mm256_mul_ps(_mm256_cvtepi32_ps(v), s));
+    }
+  }
+  if (c < c1) dequant_chunk_scalar(p, r, c, c1, w + (c - c0));
+}
+
+GLMCTL_AVX2 inline float hsum256(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 sh = _mm_movehdup_ps(lo);
+  lo = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, lo);
+  lo = _mm_add_ss(lo, sh);
+  return _mm_cvtss_f32(lo);
+}
+
+// acc[(i*RB + r)*8 .. +8] (8 partial sums per (x row, weight row)) += x[i] * w[r] over len columns.
+template <int MB>
+GLMCTL_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* acc) {
+  __m256 a[MB][RB];
+  for (int i = 0; i < MB; ++i)
+    for (int r = 0; r < RB; ++r) a[i][r] = _mm256_loadu_ps(acc + (i * RB + r) * 8);
+  for (int64_t c = 0; c < len; c += 8) {
+    __m256 wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = _mm256_loadu_ps(w + r * ldw + c);
+    for (int i = 0; i < MB; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * ldx + c);
+      for (int r = 0; r < RB; ++r) a[i][r] = _mm256_fmadd_ps(xv, wv[r], a[i][r]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int r = 0; r < RB; ++r) _mm256_storeu_ps(acc + (i * RB + r) * 8, a[i][r]);
+}
+
+// Direct path for m <= 4 (decode): unpack in registers and FMA straight away, two weight rows at
+// a time, no staging buffer (8 independent accumulator chains; for MB <= 2 the two halves of
+// each 16-column block get separate accumulators).  Needs one scale per 16 columns.
+template <int MB>
+GLMCTL_AVX2 void direct_rows_avx2(const Problem& p, const float* xp, int64_t r0, int rows, float* res) {
+  const int64_t kfull = p.k & ~int64_t(15);
+  const int8_t* q[2];
+  for (int j = 0; j < 2; ++j) q[j] = p.qw + std::min<int64_t>(r0 + j, p.n - 1) * p.row_bytes;
+  constexpr int H = MB <= 2 ? 2 : 1;  // accumulators per (weight row, x row)
+  __m256 acc[2][MB][H];
+  for (int j = 0; j < 2; ++j)
+    for (int i = 0; i < MB; ++i)
+      for (int h = 0; h < H; ++h) acc[j][i][h] = _mm256_setzero_ps();
+  int64_t gend = 0;
+  __m256 s[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t c = 0; c < kfull; c += 16) {
+    if (c >= gend) {
+      const int64_t g = c / p.G;
+      gend = (g + 1) * p.G;
+      for (int j = 0; j < 2; ++j)
+        s[j] = _mm256_set1_ps(load_f(p.scale, p.stype, std::min<int64_t>(r0 + j, p.n - 1) * p.ng + g));
+    }
+    __m256 wa[2], wb[2];
+    for (int j = 0; j < 2; ++j) {
+      if (p.bits == 4) {
+        const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[j] + (c >> 1))));
+        wa[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(v, 4)), s[j]);
+        wb[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28)), s[j]);
+      } else {
+        const __m128i v16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q[j] + c));
+        wa[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v16)), s[j]);
+        wb[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v16, v16))), s[j]);
+      }
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m256 xa = _mm256_loadu_ps(xp + i * p.Kp + c);
+      const __m256 xb = _mm256_loadu_ps(xp + i * p.Kp + c + 8);
+      for (int j = 0; j < 2; ++j) {
+        acc[j][i][0] = _mm256_fmadd_ps(xa, wa[j], acc[j][i][0]);
+        acc[j][i][H - 1] = _mm256_fmadd_ps(xb, wb[j], acc[j][i][H - 1]);
+      }
+    }
+  }
+  for (int j = 0; j < rows; ++j) {
+    float tail[16];
+    if (kfull < p.k) dequant_chunk_scalar(p, r0 + j, kfull, p.Kp, tail);
+    for (int i = 0; i < MB; ++i) {
+      float v = hsum256(H == 2 ? _mm256_add_ps(acc[j][i][0], acc[j][i][H - 1]) : acc[j][i][0]);
+      for (int64_t c = kfull; c < p.Kp; ++c) v += tail[c - kfull] * xp[i * p.Kp + c];
+      res[i * 2 + j] = v;
+    }
+  }
+}
+#endif
+
+// x [m, k] (any float dtype) -> fp32 [m, Kp], INT4 columns permuted like the weight buffer.
+void pack_x(const Problem& p, const void* x, at::ScalarType xt, float* xp) {
+  at::parallel_for(0, p.m, std::max<int64_t>(1, 16384 / std::max<int64_t>(p.k, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float* row = xp + i * p.Kp;
+      std::fill(row + (p.k & ~int64_t(15)), row + p.Kp, 0.f);
+      const int64_t base = i * p.k;
+      if (p.bits == 4) {
+        for (int64_t c = 0; c < p.k; ++c) row[perm4(c)] = load_f(x, xt, base + c);
+      } else {
+        for (int64_t c = 0; c < p.k; ++c) row[c] = load_f(x, xt, base + c);
+      }
+    }
+  });
+}
+
+void run_direct(const Problem& p, const float* xp, const float* bias, void* out, at::ScalarType ot) {
+#if GLMCTL_X86
+  const int64_t npairs = (p.n + 1) / 2;
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(32, npairs / (4 * at::get_num_threads() + 1)));
+  at::parallel_for(0, npairs, grain, [&](int64_t b0, int64_t b1) {
+    float res[8];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = 2 * b;
+      const int rows = static_cast<int>(std::min<int64_t>(2, p.n - r0));
+      switch (p.m) {
+        case 1: direct_rows_avx2<1>(p, xp, r0, rows, res); break;
+        case 2: direct_rows_avx2<2>(p, xp, r0, rows, res); break;
+        case 3: direct_rows_avx2<3>(p, xp, r0, rows, res); break;
+        default: direct_rows_avx2<4>(p, xp, r0, rows, res); break;
+      }
+      for (int64_t i = 0; i < p.m; ++i)
+        for (int j = 0; j < rows; ++j) {
+          float v = res[i * 2 + j];
+          if (bias) v += bias[r0 + j];
+          store_f(out, ot, i * p.n + r0 + j, v);
+        }
+    }
+  });
+#endif
+}
+
+void run_fused(const Problem& p, const float* xp, const float* bias, void* out, at::ScalarType ot) {
+  const int64_t nblocks = (p.n + RB - 1) / RB;
+  const bool avx2 = use_avx2();
+#if GLMCTL_X86
+  if (avx2 && p.m <= kDirectMaxM && (p.ng == 1 || p.G % 16 == 0)) return run_direct(p, xp, bias, out, ot);
+#endif
+  // Grain: a few blocks per task, but enough tasks for every thread.
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, nblocks / (4 * at::get_num_threads() + 1)));
+  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> wbuf(RB * KC);
+    std::vector<float> acc(p.m * RB * 8);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * RB;
+      const int rows = static_cast<int>(std::min<int64_t>(RB, p.n - r0));
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t c0 = 0; c0 < p.Kp; c0 += KC) {
+        const int64_t c1 = std::min(c0 + KC, p.Kp);
+        const int64_t len = c1 - c0;
+        for (int r = 0; r < RB; ++r) {
+          float* wr = wbuf.data() + r * KC;
+          if (r >= rows) {
+            std::fill(wr, wr + len, 0.f);
+            continue;
+          }
+#if GLMCTL_X86
+          if (avx2) {
+            dequant_chunk_avx2(p, r0 + r, c0, c1, wr);
+            continue;
+          }
+#endif
+          dequant_chunk_fast_scalar(p, r0 + r, c0, c1, wr);
+        }
+        int64_t i = 0;
+#if GLMCTL_X86
+        if (avx2) {
+          for (; i + 2 <= p.m; i += 2)
+            micro_avx2<2>(xp + i * p.Kp + c0, p.Kp, wbuf.data(), KC, len, acc.data() + i * RB * 8);
+          for (; i < p.m; ++i)
+            micro_avx2<1>(xp + i * p.Kp + c0, p.Kp, wbuf.data(), KC, len, acc.data() + i * RB * 8);
+        }
+#endif
+        for (; i < p.m; ++i)
+          micro_scalar<1>(xp + i * p.Kp + c0, p.Kp, wbuf.data(), KC, len, acc.data() + i * RB * 8);
+      }
+      for (int64_t i = 0; i < p.m; ++i) {
+        for (int r = 0; r < rows; ++r) {
+          const float* a = acc.data() + (i * RB + r) * 8;
+          float v = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+          if (bias) v += bias[r0 + r];
+          store_f(out, ot, i * p.n + r0 + r, v);
+        }
+      }
+    }
+  });
+}
+
+// Large m: dequantize panels of rows to fp32 (natural column order) and use at::mm.
+void run_panels(const Problem& p, const at::Tensor& x2d, const float* bias, at::Tensor& out) {
+  const at::Tensor xf = x2d.to(at::kFloat).contiguous();
+  const int64_t rows_per_panel = std::max<int64_t>(RB, std::min<int64_t>(p.n, kPanelBytes / (4 * p.k)));
+  at::Tensor panel = at::empty({rows_per_panel, p.k}, xf.options());
+  const bool avx2 = use_avx2();
+  for (int64_t r0 = 0; r0 < p.n; r0 += rows_per_panel) {
+    const int64_t nr = std::min(rows_per_panel, p.n - r0);
+    float* pw = panel.data_ptr<float>();
+    at::parallel_for(0, nr, 1, [&](int64_t a, int64_t b) {
+      std::vector<float> tmp(p.Kp);
+      for (int64_t r = a; r < b; ++r) {
+        for (int64_t c0 = 0; c0 < p.Kp; c0 += KC) {
+          const int64_t c1 = std::min(c0 + KC, p.Kp);
+#if GLMCTL_X86
+          if (avx2) dequant_chunk_avx2(p, r0 + r, c0, c1, tmp.data() + c0);
+          else
+#endif
+            dequant_chunk_fast_scalar(p, r0 + r, c0, c1, tmp.data() + c0);
+        }
+        float* dst = pw + r * p.k;
+        if (p.bits == 4) {
+          for (int64_t c = 0; c < p.k; ++c) dst[c] = tmp[perm4(c)];
+        } else {
+          std::memcpy(dst, tmp.data(), sizeof(float) * p.k);
+        }
+      }
+    });
+    at::Tensor y = at::mm(xf, panel.narrow(0, 0, nr).t());  // [m, nr] fp32
+    if (bias) y.add_(at::from_blob(const_cast<float*>(bias) + r0, {nr}, xf.options()));
+    out.narrow(1, r0, nr).copy_(y);
+  }
+}
+
+struct Checked {
+  Problem p;
+  at::Tensor x2d, qw, scale, bias_f, out2d;
+  std::vector<int64_t> out_shape;
+};
+
+Checked check_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                     const c10::optional<at::Tensor>& bias, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "glmctl::quant_linear: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(x.dim() >= 1, "glmctl::quant_linear: x must have at least one dimension");
+  TORCH_CHECK(qweight.dim() == 2, "glmctl::quant_linear: qweight must be 2-D [n, k/2] or [n, k]");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar || qweight.scalar_type() == at::kByte,
+              "glmctl::quant_linear: qweight must be int8, got ", qweight.scalar_type());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kHalf || xt == at::kBFloat16,
+              "glmctl::quant_linear: x must be float32, float16 or bfloat16, got ", xt);
+  const auto st = scale.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+              "glmctl::quant_linear: scale must be float32, float16 or bfloat16, got ", st);
+  const int64_t k = x.size(-1);
+  const int64_t n = qweight.size(0);
+  const int64_t qcols = qweight.size(1);
+  TORCH_CHECK((bits == 4 ? qcols * 2 : qcols) == k, "glmctl::quant_linear: x has ", k,
+              " input features but the INT", bits, " weight has ", qcols, " columns");
+  TORCH_CHECK(scale.dim() == 1 || scale.dim() == 2, "glmctl::quant_linear: scale must be [n] or [n, k/G]");
+  TORCH_CHECK(scale.size(0) == n, "glmctl::quant_linear: scale has ", scale.size(0), " rows, weight has ", n);
+  const int64_t ng = scale.dim() == 2 ? scale.size(1) : 1;
+  TORCH_CHECK(ng >= 1 && k % ng == 0, "glmctl::quant_linear: ", ng, " scale groups do not divide ", k, " columns");
+  Checked c;
+  c.x2d = x.reshape({-1, k}).contiguous();
+  c.qw = qweight.contiguous();
+  c.scale = scale.contiguous();
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n, "glmctl::quant_linear: bias has ", bias->numel(), " elements, expected ", n);
+    c.bias_f = bias->reshape({n}).to(x.device(), at::kFloat).contiguous();
+  }
+  c.out_shape = x.sizes().vec();
+  c.out_shape.back() = n;
+  Problem& p = c.p;
+  p.m = c.x2d.size(0);
+  p.n = n;
+  p.k = k;
+  p.Kp = (k + 15) / 16 * 16;
+  p.bits = static_cast<int>(bits);
+  p.ng = ng;
+  p.G = ng ? k / ng : k;
+  p.vec_groups = ng == 1 || p.G % (bits == 4 ? 16 : 8) == 0;
+  p.qw = reinterpret_cast<const int8_t*>(c.qw.data_ptr());
+  p.row_bytes = qcols;
+  p.scale = c.scale.data_ptr();
+  p.stype = st;
+  return c;
+}
+
+// path: 0 auto, 1 fused kernel, 2 dequantize panels + at::mm.
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                            const c10::optional<at::Tensor>& bias, int64_t bits, int64_t path) {
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scale.device().is_cpu(),
+              "glmctl::quant_linear (CPU): all tensors must be on the CPU");
+  Checked c = check_inputs(x, qweight, scale, bias, bits);
+  const Problem& p = c.p;
+  at::Tensor out = at::empty({p.m, p.n}, x.options());
+  if (p.m == 0 || p.n == 0) return out.reshape(c.out_shape);
+  if (p.k == 0) {
+    if (c.bias_f.defined()) out.copy_(c.bias_f.unsqueeze(0).expand({p.m, p.n}));
+    else out.zero_();
+    return out.reshape(c.out_shape);
+  }
+  const float* bias_p = c.bias_f.defined() ? c.bias_f.data_ptr<float>() : nullptr;
+  const bool panels = path == 2 || (path == 0 && p.m >= kCpuMatmulMinM);
+  if (panels) {
+    run_panels(p, c.x2d, bias_p, out);
+  } else {
+    std::vector<float> xp(p.m * p.Kp);
+    pack_x(p, c.x2d.data_ptr(), c.x2d.scalar_type(), xp.data());
+    run_fused(p, xp.data(), bias_p, out.data_ptr(), out.scalar_type());
+  }
+  return out.reshape(c.out_shape);
+}
+
+at::Tensor quant_linear_meta(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                             const c10::optional<at::Tensor>& bias, int64_t bits, int64_t path) {
+  auto shape = x.sizes().vec();
+  TORCH_CHECK(!shape.empty(), "glmctl::quant_linear: x must have at least one dimension");
+  shape.back() = qweight.size(0);
+  return at::empty(shape, x.options());
+}
+
+std::string cpu_isa() { return use_avx2() ? "avx2+fma" : (cpu_has_avx2() ? "scalar (forced)" : "scalar"); }
+
+bool cpu_force_scalar(bool on) { return g_force_scalar.exchange(on); }
+
+}  // namespace
+}  // namespace glmctl
+
+TORCH_LIBRARY(glmctl, m) {
+  m.def("quant_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias=None, int bits=4, int path=0) -> Tensor");
+  m.def("cpu_isa() -> str", &glmctl::cpu_isa);
+  m.def("cpu_force_scalar(bool on) -> bool", &glmctl::cpu_force_scalar);
+}
+
+TORCH_LIBRARY_IMPL(glmctl, CPU, m) { m.impl("quant_linear", &glmctl::quant_linear_cpu); }
+
+TORCH_LIBRARY_IMPL(glmctl, Meta, m) { m.impl("quant_linear", &glmctl::quant_linear_meta); }
+
+// `import glmctl.kernels._cpu` loads this library (and with it the op registrations above).
+static struct PyModuleDef glmctl_cpu_module = {PyModuleDef_HEAD_INIT, "_cpu",
+                                               "glmctl CPU quantized-linear kernels (torch.ops.glmctl)", -1,
+                                               nullptr};
+
+PyMODINIT_FUNC PyInit__cpu(void) { return PyModule_Create(&glmctl_cpu_module); }
