@@ -15,7 +15,6 @@ from glmctl.errors import InputError, UsageError
 from glmctl.stages.tokenize import TrainConfig, sample_lines, train_tokenizer
 from glmctl.tokenizer import Tokenizer, padded_vocab_size
 
-from conftest import run_glmctl
 
 EN = ("the a of and to in is that model data language train token general large pre quick brown fox jumps over "
       "lazy dog we show results paper method attention layer network weight learning test value small big new "
@@ -247,11 +246,25 @@ def test_bad_training_options_are_usage_errors(tmp_path):
      "--sample-size"),
     (["tokenizer", "train", "{c}/en.jsonl", "--out", "{t}/tok", "--vocab-size", "60000"], 2, "sentencepiece"),
 ])
-def test_cli_errors_are_one_line(tmp_path, args, code, needle):
+def test_cli_errors_are_one_line(tmp_path, capsys, args, code, needle):
+    from glmctl.cli import main
     c = tmp_path / "c"
     write_corpus(c, n_docs=20)
     (c / "notes.md").write_text("# notes\n")
-    r = run_glmctl(*[a.format(c=c, t=tmp_path) for a in args])
-    assert r.returncode == code, r.stderr
-    assert needle in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(SystemExit) as e:
+        main([a.format(c=c, t=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == code, err
+    assert needle in err and "Traceback" not in err
     assert not (tmp_path / "tok").exists()
+
+
+def test_cli_train_prints_a_summary(tmp_path, capsys):
+    from glmctl.cli import main
+    en, zh = write_corpus(tmp_path / "c", n_docs=100)
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", str(en), str(zh), "--txt-blocks", "--out", str(tmp_path / "tok"),
+              "--vocab-size", "500", "--threads", "1", "--json"])
+    assert e.value.code == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["vocab_size"] == 512 and s["special_tokens"]["[gMASK]"] == 501
