@@ -178,6 +178,22 @@ def test_bad_prompts_one_line_each_others_still_run(ckpt, tmp_path):
     assert "text" in recs[0] and "text" in recs[7] and all("error" in x for x in recs[1:7])
 
 
+def test_text_file_line_numbers_count_blank_lines(ckpt, tmp_path):
+    from glmctl.errors import InputError
+    f = tmp_path / "p.txt"
+    f.write_text("The quick\n\n\nFill [Mask] in\n清华大学 [MASK]\n")
+    out = io.StringIO()
+    cfg = stage.GenerateConfig(model=str(ckpt), input=str(f), interactive=False,
+                               generation=GenerationConfig(max_new_tokens=2))
+    with pytest.raises(InputError) as e:
+        stage.run(cfg, stdin=io.StringIO(""), stdout=out)
+    assert "1 of 3 prompt(s) failed" in str(e.value)
+    recs = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [r["id"] for r in recs] == [1, 4, 5]
+    assert recs[1]["error"].startswith(f"{f}:4: unknown mask token '[Mask]' at character 6")
+    assert recs[2]["mask"] == "[MASK]" and recs[2]["text"].startswith("清华大学 ")
+
+
 @pytest.mark.slow
 def test_empty_input_file_cli(ckpt, tmp_path):
     empty = tmp_path / "empty.txt"

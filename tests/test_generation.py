@@ -414,3 +414,19 @@ def test_decode_rejects_bad_config():
                 dict(num_beams=0)):
         with pytest.raises(UsageError):
             GenerationConfig(**bad).validate()
+
+
+def test_fill_never_generates_mask_tokens_or_sop(model):
+    # give [MASK], [gMASK] and <sop> the embedding direction of the model's favourite next token,
+    # scaled up: without the ban fill() would keep finding new blanks
+    ctx = prepare_prompt([5, M, 6], IDS)
+    first = generate_span(model, ctx, IDS, GenerationConfig(max_new_tokens=1))[0].tokens[0]
+    m2 = varied_model()
+    with torch.no_grad():
+        E = m2.transformer.word_embeddings.weight
+        for t in (M, G, IDS["sop"]):
+            E[t] = E[first] * 2.0
+    raw = generate_span(m2, ctx, IDS, GenerationConfig(max_new_tokens=1))[0].tokens
+    assert raw and raw[0] in (M, G, IDS["sop"])  # the unconstrained decoder would emit one
+    tokens, spans = fill(m2, [5, M, 6], IDS, GenerationConfig(max_new_tokens=6))
+    assert len(spans) == 1 and not {M, S, G, IDS["sop"]} & set(tokens)
