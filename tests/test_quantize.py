@@ -409,3 +409,20 @@ def test_other_usage_errors(random_ckpt, capsys):
     assert cli("quantize", m, q, "--eval", random_ckpt / "big", "--seq-len", "32") == 3
     one_line_error(capsys, "token id 600", "vocabulary of 512")
     assert not q.exists()
+
+
+def test_tp2_source_is_quantized_at_tp1_and_group_scales_reshard(random_ckpt):
+    """A TP=2 source gives the same TP=1 output as its TP=1 original; with G | in/TP the output
+    reshards to TP=2 and back without requantising (GLM-130B's per-slice scales are G = in/TP)."""
+    m = random_ckpt / "model"
+    assert cli("convert", m, random_ckpt / "tp2", "--tp", "2", "--no-verify") == 0
+    assert json.loads((random_ckpt / "tp2" / "config.json").read_text())["tensor_parallel_size"] == 2
+    assert cli("quantize", m, random_ckpt / "q1", "--bits", "4", "--group-size", "32") == 0
+    assert cli("quantize", random_ckpt / "tp2", random_ckpt / "q2", "--bits", "4", "--group-size", "32") == 0
+    cfg2, sd2 = read_state_dict(random_ckpt / "q2")
+    _, sd1 = read_state_dict(random_ckpt / "q1")
+    assert cfg2.tensor_parallel_size == 1 and sd1.keys() == sd2.keys()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    assert cli("convert", random_ckpt / "q2", random_ckpt / "q2-tp2", "--tp", "2", "--no-verify") == 0
+    _, back = read_state_dict(random_ckpt / "q2-tp2", 1, 0)
+    assert all(torch.equal(sd1[k], back[k]) for k in sd1)
