@@ -683,15 +683,29 @@ def is_main_process() -> bool:
 def run(config: PretrainConfig) -> dict:
     """Train; returns the final summary. Raises GlmctlError(exit 4) after saving a checkpoint
     when stopped by SIGTERM / SIGINT or --max-wall-time."""
-    validate(config, int(os.environ.get("WORLD_SIZE", "1")))
-    if not Path(config.data).exists():
-        raise InputError(f"{config.data}: no such token directory (make one with `glmctl tokenize`)")
-    rt = start_runtime(config)
+    c = config
+    validate(c, int(os.environ.get("WORLD_SIZE", "1")))
+    # resolve inputs: tokenizer, model config, data (numpy only: bad input fails in a second)
+    if not Path(c.data).exists():
+        raise InputError(f"{c.data}: no such token directory (make one with `glmctl tokenize`)")
+    from glmctl import train_utils as tu
+    tok, tok_dir = find_tokenizer(c)
+    mcfg, seq_len = resolve_model_config(c, tok)
+    data = tu.TrainData(c.data, seq_len, c.seed, c.valid_data, c.valid_fraction)
+    if data.n_train < 1 or not data.valid_index:
+        raise InputError(f"{c.data}: {data.dataset.num_tokens} tokens make {len(data.windows)} windows of "
+                         f"{seq_len} tokens; need at least 2 (one is held out)")
+    check_data_vocab(data, tok, mcfg.vocab_size, c.data)
+    instructions = load_instructions(c.instruction_data, tok) if c.instruction_data else None
+    resume = _resume_point(c, Path(c.out))
+    if tok is None:
+        console.warn(f"no tokenizer found for {c.data}: using the special-token ids of the model config")
+    rt = start_runtime(c)
     was_quiet = console._quiet
     console.set_quiet(was_quiet or rt.rank != 0)
     clean = False
     try:
-        out = _train(config, rt)
+        out = _train(c, rt, tok_dir, mcfg, seq_len, data, instructions, resume)
         clean = True
         return out
     except GlmctlError as e:
@@ -706,22 +720,10 @@ def run(config: PretrainConfig) -> dict:
             dist.destroy_process_group()
 
 
-def _train(c: PretrainConfig, rt: Runtime) -> dict:
+def _train(c: PretrainConfig, rt: Runtime, tok_dir, mcfg, seq_len: int, data, instructions, resume) -> dict:
     from glmctl import train_utils as tu
     t0 = time.monotonic()
-    # resolve inputs: tokenizer, model config, data
-    tok, tok_dir = find_tokenizer(c)
-    mcfg, seq_len = resolve_model_config(c, tok)
-    if tok is None:
-        console.warn(f"no tokenizer found for {c.data}: using the special-token ids of the model config")
-    data = tu.TrainData(c.data, seq_len, c.seed, c.valid_data, c.valid_fraction)
-    if data.n_train < 1 or not data.valid_index:
-        raise InputError(f"{c.data}: {data.dataset.num_tokens} tokens make {len(data.windows)} windows of "
-                         f"{seq_len} tokens; need at least 2 (one is held out)")
-    check_data_vocab(data, tok, mcfg.vocab_size, c.data)
-    instructions = load_instructions(c.instruction_data, tok) if c.instruction_data else None
     run_dir = Path(c.out)
-    resume = _resume_point(c, run_dir)
     if rt.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         tu.remove_stale(run_dir)
