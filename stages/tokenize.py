@@ -98,12 +98,23 @@ def expand_inputs(paths) -> list[list[Path]]:
                 raise UsageError(f"{p}: unsupported file type; expected .txt, .jsonl, .jsonl.zst or .txt.zst")
             out.append([p])
             continue
-        files = sorted((f for f in p.rglob("*") if f.is_file() and _suffix(f) and not f.name.startswith(".")),
-                       key=lambda f: f.relative_to(p).parts)
+        files = sorted((f for f in p.rglob("*") if f.is_file() and _suffix(f)
+                        and not any(part.startswith(".") for part in f.relative_to(p).parts)),
+                       key=lambda f: f.relative_to(p).parts)  # hidden files and folders are skipped
         if not files:
             raise InputError(f"{p}: no .txt, .jsonl or .jsonl.zst files in this folder")
         out.append(files)
     return out
+
+
+def check_out(out: Path, inputs: list[Path]) -> None:
+    """Refuse to replace a folder that is not an artifact, or one that holds the inputs."""
+    o = out.resolve()
+    for f in inputs:
+        if o == f.resolve() or o in f.resolve().parents:
+            raise UsageError(f"--out {out} contains the input {f}; choose another output folder")
+    if out.exists() and not (out / "manifest.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out} exists and is not a glmctl artifact; refusing to replace it")
 
 
 def _format(path: Path, txt_blocks: bool) -> str:
@@ -559,6 +570,7 @@ def run(config: TokenizeConfig) -> dict:
     if config.if_stale and is_up_to_date(out, "tokenize", hashed, inputs):
         console.log(f"{out}: up to date")
         return {"up_to_date": True, **read_manifest(out)["summary"]}
+    check_out(out, files)
     workers = available_cpus() if config.workers is None else config.workers
     out.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(out.with_name(f".{out.name}.lock")):
@@ -715,11 +727,14 @@ def _summary(state, groups, config, tok, dtype, workers, done, seconds) -> dict:
 
 
 # ---- tokenizer train -------------------------------------------------------------------------
-def iter_documents(files: list[Path], *, json_key: str, txt_blocks: bool, counts: dict, chunk_size: int = 1 << 22):
-    """Documents of files in order (skips counted by reason into ``counts``)."""
+def iter_documents(files: list[Path], *, json_key: str, txt_blocks: bool, counts: dict, bar=None,
+                   chunk_size: int = 1 << 22):
+    """Documents of files in order (skips counted by reason into ``counts``; progress in MB on ``bar``)."""
     for i, f in enumerate(files):
         fmt = _format(f, txt_blocks)
         for c in iter_chunks(f, i, fmt, chunk_size):
+            if bar is not None:
+                bar.update(c.disk / 1e6)
             p = parse_records(c.data, fmt, json_key, c.line)
             for s in p.statuses:
                 if s:
@@ -803,18 +818,19 @@ def train_tokenizer(config: TrainConfig) -> dict:
     if config.if_stale and is_up_to_date(out, "tokenizer", hashed, inputs):
         console.log(f"{out}: up to date")
         return {"up_to_date": True, **read_manifest(out)["summary"]}
+    check_out(out, [f for g in groups for f in g])
     # sample each input evenly
     share = config.sample_size // len(groups)
     lines, per_input, counts = [], [], {}
     total_disk = sum(f.stat().st_size for g in groups for f in g)
     with console.progress(total=total_disk / 1e6, desc="sample", unit="MB") as bar:
         for i, (arg, files) in enumerate(zip(config.inputs, groups)):
-            docs = iter_documents(files, json_key=config.json_key, txt_blocks=config.txt_blocks, counts=counts)
+            docs = iter_documents(files, json_key=config.json_key, txt_blocks=config.txt_blocks, counts=counts,
+                                  bar=bar)
             got, nbytes, seen = sample_lines(docs, share, seed=config.seed * 1000003 + i)
             lines.extend(got)
             per_input.append({"path": str(arg), "files": len(files), "bytes_seen": seen, "bytes_sampled": nbytes,
                               "lines_sampled": len(got)})
-            bar.update(sum(f.stat().st_size for f in files) / 1e6)
     if not lines:
         raise InputError(f"{', '.join(config.inputs)}: no text to train on (skipped: {counts or 'nothing'})")
     # train

@@ -406,3 +406,14 @@ def test_all_documents_skipped_is_an_input_error(tmp_path, tok_dir):
 
 def test_reasons_are_the_documented_ones():
     assert REASONS == ("malformed_json", "missing_key", "not_a_string", "invalid_utf8", "empty")
+
+
+def test_out_that_is_not_an_artifact_is_never_replaced(corpus, tok_dir, tmp_path):
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    with pytest.raises(UsageError, match="not a glmctl artifact"):
+        run(cfg(corpus[0], tok_dir, keep, workers=0))
+    assert (keep / "notes.txt").read_text() == "precious"
+    with pytest.raises(UsageError, match="contains the input"):
+        run(cfg(corpus[0], tok_dir, corpus[0].parent, workers=0))
