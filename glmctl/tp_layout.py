@@ -108,7 +108,7 @@ def regroup_scale(name: str, scale: torch.Tensor, in_features: int, group_from: 
     """``scale`` of a weight with ``in_features`` input columns, from group size ``group_from``
     to ``group_to`` (None = per row). Raises LayoutError when merging groups would lose values."""
     g_from, g_to = group_from or in_features, group_to or in_features
-    if g_from == g_to:
+    if g_from == g_to and (scale.dim() == 1) == (group_to is None):
         return scale
     for g in (g_from, g_to):
         if in_features % g:

@@ -10,7 +10,7 @@ per TP rank, glmctl/checkpoint.py's layout) or SAT (``to="sat"``).
 
 Streaming: every tensor is read (safetensors via safe_open, SAT shards memory-mapped with
 weights_only) and resharded on its own (glmctl/tp_layout.py, spec §6.3-6.4), and written
-straight into per-rank files whose headers were laid out from a dry run on meta tensors, so
+straight into per-rank files whose headers were laid out from the shapes beforehand, so
 peak memory is a few tensors (bench/convert_memory.py), not the model. Quantized weights are
 never requantised: scales are re-expressed at another group size only where that is exact
 (tp_layout.regroup_scale); otherwise the conversion stops and says why.
@@ -162,10 +162,11 @@ class SatSource(_Source):
         self.group = self.shapes.sat_group()
         # glmctl form: SAT's per-rank row scales become group scales of size ``group``.
         self.local, self.dtypes = {}, dict(self.raw_dtypes)
-        import torch
         for k, shapes in self.raw_local.items():
-            meta = torch.empty(shapes[0], dtype=self.raw_dtypes[k], device="meta")
-            self.local[k] = [tuple(self._to_glmctl(k, meta).shape)] * self.tp
+            shape = shapes[0]
+            if k.endswith("weight_scale"):
+                shape = regroup_shape(shape, self.shapes.in_features(k, local=True), self.group)
+            self.local[k] = [shape] * self.tp
         self.names = list(self.raw_local)
         glm_manifest = root / "manifest.json"
         if glm_manifest.exists():  # exported by glmctl: its model config is recorded there
@@ -238,21 +239,31 @@ def _common_prefix(names: list[str]) -> str:
     return firsts.pop() if len(firsts) == 1 else ""
 
 
+# Globals DeepSpeed's checkpoints reference beyond torch's weights_only set: plain enums and
+# records of its own (deepspeed 0.14-0.19). Exact names only: a prefix would admit callables.
+DEEPSPEED_SAFE_GLOBALS = {
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "argparse.Namespace",
+}
+
+
 def _check_deepspeed_pickles(folder: Path) -> None:
-    """DeepSpeed's loader unpickles fully; refuse files whose pickles reference anything beyond
-    torch's weights_only set, DeepSpeed's own enums/configs and plain containers."""
+    """DeepSpeed's own loader unpickles fully (weights_only=False): first make sure every global
+    its files reference is torch-safe or one of DEEPSPEED_SAFE_GLOBALS, so no code can run."""
     import torch
-    ok_prefixes = ("deepspeed.", "collections.", "builtins.", "torch.", "numpy.", "argparse.Namespace",
-                   "_codecs.encode")
     for f in sorted(folder.glob("*.pt")):
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
         except Exception as e:  # noqa: BLE001
             raise InputError(f"{f}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
-        bad = [g for g in unsafe if not g.startswith(ok_prefixes)]
+        bad = [g for g in unsafe if g not in DEEPSPEED_SAFE_GLOBALS]
         if bad:
-            raise InputError(f"{f}: refused to unpickle (it needs {', '.join(bad[:4])}); only DeepSpeed "
-                             "checkpoints holding tensors, plain containers and DeepSpeed's own types are gathered")
+            raise InputError(f"{f}: refused to unpickle (it needs {', '.join(bad[:4])}); glmctl gathers only "
+                             "DeepSpeed checkpoints made of tensors, plain containers and DeepSpeed's own "
+                             "enums and records (stages/convert.py DEEPSPEED_SAFE_GLOBALS)")
 
 
 def _check_same_names(per_rank: list[set], where) -> None:
@@ -371,13 +382,14 @@ class _ShapeFacts:
         return cfg.replace(tensor_parallel_size=self.tp, quantization=quant)
 
     def _mismatch(self, preset, field, want, got):
-        name = {"num_layers": f"transformer.layers.{max(self.layers)}.*" if got > want
-                else f"transformer.layers.{got}.* (missing)",
-                "hidden_size": "transformer.final_layernorm.weight",
-                "inner_hidden_size": "transformer.layers.0.mlp.dense_h_to_4h.weight",
-                "vocab_size": "transformer.word_embeddings.weight"}[field]
-        return (f"{self.where}: preset {preset} does not match the checkpoint: {name} implies "
-                f"{field} = {got}, the preset has {want}")
+        if field == "num_layers":
+            what = f"it has {got} layers (transformer.layers.0 ... {got - 1}), the preset {want}"
+        else:
+            name = {"hidden_size": "transformer.final_layernorm.weight",
+                    "inner_hidden_size": "transformer.layers.0.mlp.dense_h_to_4h.weight",
+                    "vocab_size": "transformer.word_embeddings.weight"}[field]
+            what = f"{name} implies {field} {got}, the preset has {want}"
+        return f"{self.where}: preset {preset} does not match the checkpoint: {what}"
 
 
 # =============================================================================================
@@ -494,8 +506,27 @@ def _finish_zero(src: ZeroSource, heads, preset):
 
 
 # =============================================================================================
-# The plan: names, what each becomes, and the per-rank output layout, from a dry run on meta
+# The plan: names, what each becomes, and the per-rank output layout, from the shapes alone
+# (shape arithmetic, no meta tensors: ops on those import torch._dynamo, seconds per run)
 # =============================================================================================
+def regroup_shape(shape, in_features, group) -> tuple:
+    """Shape of a weight_scale of ``shape`` stored with ``group`` (None: one per row)."""
+    return (shape[0],) if group is None else (shape[0], in_features // group)
+
+
+def split_shape(name, shape, tp) -> tuple:
+    from glmctl import tp_layout
+    kind = tp_layout.classify(name)
+    if tp == 1 or kind == tp_layout.REPLICATED:
+        return tuple(shape)
+    dim = 1 if kind == tp_layout.ROW else 0
+    if len(shape) <= dim or shape[dim] % tp:
+        raise tp_layout.LayoutError(f"{name}: dim {dim} of shape {tuple(shape)} does not split into {tp} parts")
+    out = list(shape)
+    out[dim] //= tp
+    return tuple(out)
+
+
 def canonical_order(names, cfg) -> list[str]:
     """Model order (embedding, layer 0 … N, final LayerNorm); within a layer the GLM module's
     state-dict order; SAT's extra inv_freq after each layer's tensors."""
@@ -538,11 +569,15 @@ class Plan:
         # global shapes from the stored ones, checked against the model the config describes
         self.global_shape = {}
         for n in src.names:
-            metas = [torch.empty(s, dtype=src.dtypes[n], device="meta") for s in src.local[n]]
             try:
-                self.global_shape[n] = tuple(tp_layout.merge_tensors(n, metas).shape)
-            except (tp_layout.LayoutError, RuntimeError) as e:
-                raise InputError(f"{src.path}: {n}: cannot merge the rank shapes {src.local[n]} ({e})") from None
+                if len(set(src.local[n])) != 1:
+                    raise tp_layout.LayoutError(f"ranks disagree: {src.local[n]}")
+                if src.tp > 1 and n.endswith("weight_scale") and tp_layout.classify(n) == tp_layout.ROW \
+                        and len(src.local[n][0]) == 1:
+                    raise tp_layout.LayoutError("a per-row scale of a row-parallel layer cannot be merged")
+                self.global_shape[n] = tuple(tp_layout.global_shape(n, src.local[n][0], src.tp))
+            except tp_layout.LayoutError as e:
+                raise InputError(f"{src.path}: {n}: cannot merge the rank shapes ({e})") from None
         expected = _meta_model_shapes(cfg)
         where = f"preset {preset}" if preset else "the model config"
         for n, shape in expected.items():
@@ -567,12 +602,18 @@ class Plan:
             self.group_out = self._choose_group()
         q = dict(cfg.quantization, group_size=self.group_out) if cfg.quantization else None
         self.cfg_out = cfg.replace(tensor_parallel_size=tp_out, quantization=q)
-        # dry run on meta tensors: per-rank output entries (name, shape, dtype)
+        # per-rank output entries (name, shape, dtype), in writing order
         self.entries = [[] for _ in range(tp_out)]
         for n in self.names:
-            metas = [torch.empty(s, dtype=src.dtypes[n], device="meta") for s in src.local[n]]
-            for r, t in enumerate(self.produce(n, metas)):
-                self.entries[r].append((n, tuple(t.shape), t.dtype))
+            shape = self.global_shape[n]
+            if n.endswith("weight_scale"):
+                shape = regroup_shape(shape, self._in_features(n), self.group_out)
+            try:
+                local = split_shape(n, shape, tp_out)
+            except tp_layout.LayoutError as e:
+                raise UsageError(f"cannot reshard TP={self.tp_in} -> TP={tp_out}: {e}") from None
+            for r in range(tp_out):
+                self.entries[r].append((n, local, self._out_dtype(n, src.dtypes[n])))
         self.inv_freq_dtype = self._out_dtype(INV_FREQ, src.cfg_dtype())
         for r in range(tp_out):
             self.entries[r] += [(n, (cfg.head_dim // 2,), self.inv_freq_dtype) for n in self.add_inv_freq]
@@ -592,24 +633,22 @@ class Plan:
                                      "needs an even number, so this checkpoint cannot be resharded without "
                                      "requantising (quantize the fp16 model at this TP)")
         g_in = self.group_in
-        widest = math.gcd(h // tp, f // tp)
-        cands = ([None] if tp == 1 else []) + sorted({widest, math.gcd(g_in or widest, widest)}
-                                                     | ({g_in} if g_in else set()), reverse=True)
-        cands = [g for g in cands if tp_layout.group_splits(g, h, tp) and tp_layout.group_splits(g, f, tp)]
-        scales = None
-        for g in cands:
+        widest = math.gcd(h // tp, f // tp)  # the largest group that splits both row-parallel layers
+        cands = ([None] if tp == 1 else []) + sorted((g for g in range(1, widest + 1) if widest % g == 0),
+                                                     reverse=True)
+        scale_names = [n for n in self.src.names if n.endswith("weight_scale")]
+        for g in cands:  # the coarsest group size that holds the stored scales exactly
             if not (g == g_in or g_in is None or (g is not None and g_in % g == 0)):
-                # merging groups: exact only if the stored scales agree inside each new group
-                if scales is None:
-                    scales = {n: self._global(n) for n in self.src.names if n.endswith("weight_scale")}
+                # merging groups is exact only where the stored scales agree; real group scales
+                # fail on the first tensor, so this reads one scale tensor per rejected candidate
                 try:
-                    for n, s in scales.items():
-                        tp_layout.regroup_scale(n, s, self._in_features(n), g_in, g)
+                    for n in scale_names:
+                        tp_layout.regroup_scale(n, self._global(n), self._in_features(n), g_in, g)
                 except tp_layout.LayoutError:
                     continue
             if g != g_in:
                 from glmctl.console import log
-                log(f"convert: scales regrouped from {_gname(g_in)} to {_gname(g)} so they split over TP={tp} "
+                log(f"convert: quantization scales re-expressed from {_gname(g_in)} to {_gname(g)} for TP={tp} "
                     "(exact: the int8 weights are unchanged)")
             return g
         raise UsageError(f"--tp {tp}: the quantization scales ({_gname(g_in)}) cannot be re-expressed for TP={tp} "
@@ -751,18 +790,22 @@ class SatSink:
         import torch
         from glmctl import sat
         self.dir, self.plan, self.iteration = directory, plan, iteration
-        (directory / iteration).mkdir(parents=True)
-        cfg = plan.cfg_out
+        cfg = self.cfg = plan.cfg_out
         self.in_local = lambda n: (plan._in_features(n) // plan.tp_out if _is_row(n) else plan._in_features(n))
+        if cfg.quantization:  # scales are small: check every one converts before writing any weight
+            for n in plan.names:
+                if n.endswith("weight_scale"):
+                    for t in plan.produce(n, [plan.src.read(n, r) for r in range(plan.tp_in)]):
+                        self.to_sat(n, t)
+        (directory / iteration).mkdir(parents=True)
         self.writers = []
         for r, entries in enumerate(plan.entries):
             sat_entries = []
             for n, shape, dt in entries:
                 if n.endswith("weight_scale"):
-                    shape = tuple(self.to_sat(n, torch.empty(shape, dtype=dt, device="meta")).shape)
+                    shape = regroup_shape(shape, self.in_local(n), None)
                 sat_entries.append((n, shape, dt))
             self.writers.append(sat.ShardWriter(directory / iteration / sat.shard_name(r), sat_entries))
-        self.cfg = cfg
 
     def to_sat(self, name, t):
         from glmctl import tp_layout
