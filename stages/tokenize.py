@@ -464,7 +464,7 @@ class _Writer:
             if fit:
                 if self.fh is None:
                     self.fh = open(self.partial / f".{self._name()}.bin.tmp", "wb")
-                self.fh.write(tokens[ends[d]: ends[d + fit]].tobytes())
+                self.fh.write(memoryview(tokens[ends[d]: ends[d + fit]]))  # contiguous slice: no copy
                 self.lengths.append(lengths[d: d + fit])
                 k = int(ends[d + fit] - ends[d])
                 self.shard_tokens += k
