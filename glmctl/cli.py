@@ -34,7 +34,7 @@ app = typer.Typer(
 )
 
 # Pipeline order: this is the order `glmctl --help` lists them in.
-COMMAND_MODULES = ["tokenize", "pretrain", "convert", "quantize", "evaluate", "generate", "inspect"]
+COMMAND_MODULES = ["tokenize", "pretrain", "convert", "quantize", "evaluate", "generate", "inspect", "kernels"]
 
 
 def _version(value: bool):

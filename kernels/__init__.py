@@ -108,9 +108,10 @@ def _cuda_device_ok(device: torch.device) -> bool:
 
 
 def _cuda_archs() -> list[int]:
+    """Compiled cubin archs, e.g. [80, 86, 89, 90], from the extension's build string."""
     try:
-        return [int(a) for a in str(torch.ops.glmctl.cuda_build_info()).split("archs=")[1].split()[0].split(",")
-                if a]
+        field = str(torch.ops.glmctl.cuda_build_info()).split("archs=")[1].split()[0]
+        return [int(a) for a in field.replace("_", ",").split(",") if a.isdigit()]
     except Exception:  # noqa: BLE001
         return []
 
