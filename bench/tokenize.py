@@ -12,7 +12,9 @@ interleaved and repeated (best of ``--repeats``):
 
 Targets (issue): 1 worker >= 0.9x the plain sentencepiece rate; 2 workers >= 1.7x one worker;
 peak memory flat in corpus size (measured in a subprocess at 1x and 4x the size).
-Prints a table, or one JSON document with --json. Not a test: nothing here asserts.
+Wall-clock ratios need idle cores: the output records the load average, and the CPU seconds per
+MB of each variant (main process, workers) show the pipeline's own overhead independently of
+other load. Prints a table, or one JSON document with --json. Not a test: nothing here asserts.
 """
 from __future__ import annotations
 
@@ -57,6 +59,13 @@ def write_input(docs: list[str], size: int, folder: Path, files: int = 4) -> tup
             for d in out[k * per:(k + 1) * per]:
                 fh.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
     return out, total
+
+
+def cpu_times() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its finished children (the workers)."""
+    import resource
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def bench_sentencepiece(sp, docs: list[str], return_type) -> tuple[float, int]:
@@ -108,20 +117,27 @@ def main() -> None:
     try:
         docs, nbytes = write_input(load_docs(a.corpus), int(a.size_mb * 1e6), tmp / "in")
         best: dict[str, float] = {}
+        cpu: dict[str, tuple] = {}
         tokens = {}
         for _ in range(a.repeats):  # interleaved, so background load hits every variant alike
             for name, fn in [("sentencepiece (int lists)", lambda: bench_sentencepiece(sp, docs, None)),
                              ("sentencepiece (numpy)", lambda: bench_sentencepiece(sp, docs, "numpy")),
                              ("glmctl tokenize, 1 worker", lambda: bench_glmctl(tmp / "in", a.tokenizer, tmp / "o", 1)),
                              ("glmctl tokenize, 2 workers", lambda: bench_glmctl(tmp / "in", a.tokenizer, tmp / "o", 2))]:
+                c0 = cpu_times()
                 dt, extra = fn()
+                c1 = cpu_times()
                 best[name] = min(best.get(name, 1e30), dt)
+                used = (c1[0] - c0[0], c1[1] - c0[1])
+                cpu[name] = min(cpu.get(name, used), used, key=sum)
                 tokens[name] = extra if isinstance(extra, int) else extra["tokens"] - extra["documents"]  # no eod
         base = min(best["sentencepiece (int lists)"], best["sentencepiece (numpy)"])
         rows = []
         for name, dt in best.items():
             rows.append({"run": name, "seconds": round(dt, 3), "MB/s": round(nbytes / dt / 1e6, 2),
-                         "tokens/s": round(tokens[name] / dt), "x sentencepiece": round(base / dt, 3)})
+                         "tokens/s": round(tokens[name] / dt), "x sentencepiece": round(base / dt, 3),
+                         "cpu s/MB main": round(cpu[name][0] / nbytes * 1e6, 4),
+                         "cpu s/MB workers": round(cpu[name][1] / nbytes * 1e6, 4)})
         result = {"text_mb": round(nbytes / 1e6, 2), "documents": len(docs), "cpus": os.cpu_count(),
                   "load_average": os.getloadavg(), "rows": rows,
                   "1 worker / sentencepiece (best baseline)": round(base / best["glmctl tokenize, 1 worker"], 3),
@@ -138,10 +154,10 @@ def main() -> None:
         return
     print(f"{result['text_mb']} MB of text, {result['documents']} documents, {result['cpus']} CPUs, "
           f"load average {', '.join(f'{x:.1f}' for x in result['load_average'])} (best of {a.repeats})")
-    cols = ["run", "seconds", "MB/s", "tokens/s", "x sentencepiece"]
-    print("  ".join(f"{c:>28}" if i == 0 else f"{c:>16}" for i, c in enumerate(cols)))
+    cols = ["run", "seconds", "MB/s", "tokens/s", "x sentencepiece", "cpu s/MB main", "cpu s/MB workers"]
+    print("  ".join(f"{c:>26}" if i == 0 else f"{c:>10}" for i, c in enumerate(cols)))
     for r in rows:
-        print("  ".join(f"{r[c]:>28}" if i == 0 else f"{r[c]:>16}" for i, c in enumerate(cols)))
+        print("  ".join(f"{r[c]:>26}" if i == 0 else f"{r[c]:>10}" for i, c in enumerate(cols)))
     print(f"1 worker / sentencepiece: {result['1 worker / sentencepiece (best baseline)']}  (target >= 0.9)")
     print(f"2 workers / 1 worker:     {result['2 workers / 1 worker']}  (target >= 1.7)")
     if "peak_rss_mib" in result:
