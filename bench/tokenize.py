@@ -84,7 +84,8 @@ def bench_glmctl(folder: Path, tokenizer: str, out: Path, workers: int) -> tuple
 
 
 def peak_rss(folder: Path, tokenizer: str, out: Path, workers: int) -> dict:
-    """Peak RSS (MiB) of a tokenize run in a fresh process: the main process and its largest worker.
+    """Peak RSS (MiB) of a tokenize run in a fresh process: the main process (VmHWM: ru_maxrss would
+    carry this bench's own RSS across the exec) and its largest worker (Linux only).
 
     The manifest's environment record imports torch, whose import alone costs a fixed ~430 MiB
     (and starts a helper process of that size); it is stubbed out here so the numbers show what
@@ -94,7 +95,8 @@ def peak_rss(folder: Path, tokenizer: str, out: Path, workers: int) -> dict:
             "from glmctl.stages.tokenize import TokenizeConfig, run; "
             f"run(TokenizeConfig(inputs=({str(folder)!r},), tokenizer={tokenizer!r}, out={str(out)!r}, "
             f"workers={workers})); "
-            "print(json.dumps({'main': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+            "print(json.dumps({'main': int(hwm) / 1024, "
             "'worker': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
     shutil.rmtree(out, ignore_errors=True)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
