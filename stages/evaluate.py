@@ -159,7 +159,7 @@ def _init_distributed(device: str | None) -> str:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and world > 1:
         device = f"cuda:{local}"
-    if device.startswith("cuda"):
+    if device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(device))
     if world > 1:
         import torch.distributed as dist

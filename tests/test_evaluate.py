@@ -250,6 +250,7 @@ def test_windowed_perplexity_matches_direct_computation(loaded, tmp_path):
 
 
 # ---- batch-size independence ------------------------------------------------------------------
+@pytest.mark.slow
 def test_scores_do_not_depend_on_batch_size(loaded, mc_task, tmp_path):
     model, tok, ids = loaded
     (tmp_path / "data/lm").mkdir(parents=True)
@@ -268,6 +269,7 @@ def test_scores_do_not_depend_on_batch_size(loaded, mc_task, tmp_path):
 
 
 # ---- the command: results layout, history, GLM-130B YAMLs ------------------------------------
+@pytest.mark.slow
 def test_cli_writes_lm_eval_layout_samples_and_history(model_dir, mc_task, tmp_path):
     hist = tmp_path / "history.jsonl"
     r = run_glmctl("evaluate", model_dir, mc_task, "--data-path", tmp_path / "data", "--out", tmp_path / "ev",
@@ -297,6 +299,7 @@ def test_cli_writes_lm_eval_layout_samples_and_history(model_dir, mc_task, tmp_p
     assert "acc_norm" in r.stdout and "Other" in r.stdout
 
 
+@pytest.mark.slow
 def test_glm130b_yaml_with_file_pattern_groups(model_dir, tmp_path):
     rows = lambda k: [{"inputs_pretokenized": f"Question {i}: what do bees make?", "inputs": [1, 2],  # noqa: E731
                        "choices_pretokenized": [" honey", " milk"], "choices": [[5], [6]], "label": (i + k) % 2}
@@ -332,6 +335,7 @@ def test_glm130b_yaml_with_file_pattern_groups(model_dir, tmp_path):
 
 
 # ---- bad input -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bad_inputs_one_line_each_and_other_tasks_still_run(model_dir, mc_task, tmp_path):
     d = tmp_path / "data"
     (tmp_path / "t").mkdir()
@@ -364,6 +368,7 @@ def _run(model_dir, tasks, tmp_path, **kw):
                               show_progress=False, **kw))
 
 
+@pytest.mark.slow
 def test_lock_held_exits_75_at_once_or_after_timeout(model_dir, mc_task, tmp_path):
     from glmctl.errors import LockHeld
     lock = tmp_path / "ev.lock"
@@ -379,6 +384,7 @@ def test_lock_held_exits_75_at_once_or_after_timeout(model_dir, mc_task, tmp_pat
     assert _run(model_dir, [mc_task], tmp_path, out=str(tmp_path / "ev"), lock="auto").exit_code == 0
 
 
+@pytest.mark.slow
 def test_if_stale_skips_until_model_or_task_changes(model_dir, mc_task, tmp_path):
     kw = dict(out=str(tmp_path / "ev"), if_stale=True)
     assert not _run(model_dir, [mc_task], tmp_path, **kw).skipped
@@ -400,6 +406,7 @@ def test_if_stale_skips_until_model_or_task_changes(model_dir, mc_task, tmp_path
     assert len(Path(hist).read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_fail_below_and_above_gate_with_exit_5(model_dir, mc_task, tmp_path):
     r = run_glmctl("evaluate", model_dir, mc_task, "--data-path", tmp_path / "data", "--out", tmp_path / "ev",
                    "--fail-below", "acc=1.01")
@@ -523,6 +530,7 @@ def _quantize_checkpoint(src: Path, dst: Path, bits: int = 4) -> None:
     save_model(qmodel, dst, tokenizer=src)
 
 
+@pytest.mark.slow
 def test_int4_checkpoint_evaluates_the_same_way(model_dir, mc_task, tmp_path, loaded):
     _quantize_checkpoint(model_dir, tmp_path / "int4")
     q = load_model(tmp_path / "int4")

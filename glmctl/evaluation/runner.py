@@ -201,7 +201,7 @@ class Evaluator:
                 res, idx = results[k], index[k]
                 k += 1
                 scores = [sum(res[i][0] for i in span) for span in idx]
-                norm = [s / max(1, len(t)) for s, t in zip(scores, ex.choice_texts)]
+                norm = [s / max(1, len(t.strip())) for s, t in zip(scores, ex.choice_texts)]  # lm-eval: the choice without its delimiter
                 pred = max(range(len(scores)), key=lambda i: (scores[i], -i))
                 pred_norm = max(range(len(norm)), key=lambda i: (norm[i], -i))
                 rec.add("acc,none", pred == ex.label)

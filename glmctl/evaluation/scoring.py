@@ -31,11 +31,23 @@ PAD_MULTIPLE = 16
 
 @dataclass
 class Request:
+    """One sequence to score. Its attention mask is described, not stored (a 2048-token mask is
+    4 MB; WikiText-103 has a thousand windows): the first ``prefix_len`` tokens are bidirectional,
+    the rest causal within their block (``blocks``: a block id per token, default all 0); blocks
+    never see each other (spec §4.4). ``mask()`` builds it."""
     tokens: list[int]
     positions: list[int]
-    mask: torch.Tensor                 # bool [s, s], True = blocked
+    prefix_len: int
     targets: list[tuple[int, int]]     # (index in tokens, target token id)
+    blocks: list[int] | None = None
     key: str | None = None             # cache key
+
+    def mask(self) -> torch.Tensor:
+        """bool [s, s], True = blocked."""
+        s = len(self.tokens)
+        prefix = torch.arange(s) < self.prefix_len
+        block = torch.tensor(self.blocks) if self.blocks is not None else torch.zeros(s, dtype=torch.long)
+        return masks.build_mask(prefix[None], block=block[None], blocks_see_earlier=False)[0, 0]
 
 
 def request_key(*parts) -> str:
@@ -60,50 +72,50 @@ def multiple_choice_request(context: list[int], choices: list[list[int]], ids: d
     mask_id = ids["[gMASK]"] if use_task_mask else ids["[MASK]"]
     sop = ids["sop"]
     if ids["[MASK]"] in context:
-        tokens, positions, mask, spans = _blank_choice_input(context, choices, ids["[MASK]"], sop, single_token)
+        tokens, positions, spans = _blank_choice_input(context, choices, sop, ids["[MASK]"], single_token)
+        prefix_len = len(context)
     else:
-        tokens, positions, mask, spans = masks.multiple_choice_input(context, choices, mask_id, sop,
-                                                                     gmask=use_task_mask, single_token=single_token)
+        tokens, positions, _, spans = masks.multiple_choice_input(context, choices, mask_id, sop,
+                                                                  gmask=use_task_mask, single_token=single_token)
+        prefix_len = len(context) + 1
+    # block ids: 0 for the context, then one id per choice block (one shared block when single-token)
+    blocks = [0] * len(tokens)
+    starts = sorted({span[0][0] for span in spans})
+    for b, start in enumerate(starts, start=1):
+        end = starts[b] if b < len(starts) else len(tokens)
+        blocks[start:end] = [b] * (end - start)
     targets, index = [], []
     for span in spans:
         index.append(list(range(len(targets), len(targets) + len(span))))
         targets.extend(span)
-    return Request(tokens, positions, mask[0, 0], targets), index
+    return Request(tokens, positions, prefix_len, targets, blocks), index
 
 
-def _blank_choice_input(context, choices, mask_id, sop_id, single_token):
-    """Multiple choice into a [MASK] already in the text: everything up to the choices is
-    context; all choice tokens take the position of that [MASK]."""
+def _blank_choice_input(context, choices, sop_id, mask_id, single_token):
+    """Multiple choice into a [MASK] already in the text: the whole text is context; every choice
+    token takes that [MASK]'s position."""
     tokens = list(context)
     mask_pos = context.index(mask_id)
     positions = list(range(len(tokens)))
-    prefix, block = [True] * len(tokens), [0] * len(tokens)
+    if single_token:
+        positions.append(mask_pos)
+        return tokens + [sop_id], positions, [[(len(tokens), c[0])] for c in choices]
     spans = []
-    for ci, choice in enumerate(choices, start=1):
-        start = len(tokens)
-        blk = [sop_id] if single_token else [sop_id] + list(choice[:-1])
-        tokens += blk
-        positions += [mask_pos] * len(blk)
-        prefix += [False] * len(blk)
-        block += [ci] * len(blk)
-        if single_token:
-            spans = [[(start, c[0])] for c in choices]
-            break
-        spans.append([(start + k, t) for k, t in enumerate(choice)])
-    mask = masks.build_mask(torch.tensor([prefix]), block=torch.tensor([block]), blocks_see_earlier=False)
-    return tokens, positions, mask, spans
+    for choice in choices:
+        spans.append([(len(tokens) + k, t) for k, t in enumerate(choice)])
+        tokens += [sop_id] + list(choice[:-1])
+        positions += [mask_pos] * len(choice)
+    return tokens, positions, spans
 
 
 def window_request(prompt: list[int], text: list[int], ids: dict[str, int], use_task_mask: bool = True,
                    unidirectional: bool = False) -> Request:
-    """LM scoring of ``text`` after ``prompt`` (spec §4.4): prompt + [M] bidirectional, then
-    [sop] + text[:-1] causal, every text token a target. ``unidirectional``: the prompt is
-    causal too (it still conditions, but sees nothing to its right)."""
+    """LM scoring of ``text`` after ``prompt`` (spec §4.4, ``masks.lm_window``): prompt + [M]
+    bidirectional, then [sop] + text[:-1] causal, every text token a target. ``unidirectional``:
+    the prompt is causal too (it still conditions, but sees nothing to its right)."""
     mask_id = ids["[gMASK]"] if use_task_mask else ids["[MASK]"]
-    tokens, positions, mask, tpos, targets = masks.lm_window(prompt, text, mask_id, ids["sop"])
-    if unidirectional:
-        mask = masks.prefix_lm_mask(len(tokens), 1)
-    return Request(tokens, positions, mask[0, 0], list(zip(tpos, targets)))
+    tokens, positions, _, tpos, targets = masks.lm_window(prompt, text, mask_id, ids["sop"])
+    return Request(tokens, positions, 1 if unidirectional else len(prompt) + 1, list(zip(tpos, targets)))
 
 
 def lm_windows(n_tokens: int, max_seq_length: int, generation_length: int) -> list[tuple[int, int, int]]:
@@ -196,17 +208,23 @@ def run_batch(model, batch: list[Request], pad_id: int = 0) -> list[list[tuple[f
     b = len(batch)
     tokens = torch.full((b, P), pad_id, dtype=torch.long)
     positions = torch.zeros((b, P), dtype=torch.long)
-    mask = torch.ones((b, 1, P, P), dtype=torch.bool)
+    prefix = torch.zeros((b, P), dtype=torch.bool)
+    block = torch.zeros((b, P), dtype=torch.long)
+    sample = torch.full((b, P), -1, dtype=torch.long)  # padding: its own "sample" -1, seen by no one
     rows, cols, tgt = [], [], []
     for i, r in enumerate(batch):
         s = len(r.tokens)
         tokens[i, :s] = torch.tensor(r.tokens)
         positions[i, :s] = torch.tensor(r.positions)
-        mask[i, 0, :s, :s] = r.mask
+        prefix[i, :r.prefix_len] = True
+        if r.blocks is not None:
+            block[i, :s] = torch.tensor(r.blocks)
+        sample[i, :s] = 0
         for idx, t in r.targets:
             rows.append(i)
             cols.append(idx)
             tgt.append(t)
+    mask = masks.build_mask(prefix, sample, block, blocks_see_earlier=False)
     hidden = model(tokens.to(device), positions.to(device), mask.to(device), return_hidden=True)
     h = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
     logits = logits_at(model, h).float()
