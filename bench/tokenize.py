@@ -2,13 +2,14 @@
 
     python bench/tokenize.py --corpus data/sample/train --tokenizer data/tokenizer [--size-mb 20]
 
-The corpus's .jsonl documents are repeated into ``--size-mb`` of jsonl under a temp dir. Then,
-interleaved and repeated (best of ``--repeats``):
+The corpus's .jsonl documents are repeated into ``--size-mb`` of jsonl under a temp dir. Then:
 
   baseline   sentencepiece ``encode(docs, num_threads=1)`` in this process, documents already in
              memory, no I/O (int lists, and the numpy return type glmctl uses)
   glmctl     ``glmctl.stages.tokenize.run`` with 1 and 2 workers: read -> parse -> encode ->
              write .bin/.idx -> manifest (sha256 of inputs and outputs included)
+
+Each variant runs ``--repeats`` times, interleaved; the table shows the median and the minimum.
 
 Targets (issue): 1 worker >= 0.9x the plain sentencepiece rate; 2 workers >= 1.7x one worker;
 peak memory flat in corpus size (measured in a subprocess at 1x and 4x the size).
@@ -111,7 +112,7 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, required=True, help=".jsonl file or folder (e.g. data/sample/train)")
     ap.add_argument("--tokenizer", required=True, help="tokenizer dir (glmctl tokenizer train)")
     ap.add_argument("--size-mb", type=float, default=20.0, help="text per run [20]")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true", help="skip the 1x/4x peak-memory runs")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -124,7 +125,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="glmctl-bench-"))
     try:
         docs, nbytes = write_input(load_docs(a.corpus), int(a.size_mb * 1e6), tmp / "in")
-        best: dict[str, float] = {}
+        times: dict[str, list] = {}
         cpu: dict[str, tuple] = {}
         tokens = {}
         for _ in range(a.repeats):  # interleaved, so background load hits every variant alike
@@ -135,14 +136,16 @@ def main() -> None:
                 c0 = cpu_times()
                 dt, extra = fn()
                 c1 = cpu_times()
-                best[name] = min(best.get(name, 1e30), dt)
+                times.setdefault(name, []).append(dt)
                 used = (c1[0] - c0[0], c1[1] - c0[1])
                 cpu[name] = min(cpu.get(name, used), used, key=sum)
                 tokens[name] = extra if isinstance(extra, int) else extra["tokens"] - extra["documents"]  # no eod
+        import statistics
+        best = {k: statistics.median(v) for k, v in times.items()}  # the median resists a lucky or unlucky run
         base = min(best["sentencepiece (int lists)"], best["sentencepiece (numpy)"])
         rows = []
         for name, dt in best.items():
-            rows.append({"run": name, "seconds": round(dt, 3), "MB/s": round(nbytes / dt / 1e6, 2),
+            rows.append({"run": name, "seconds": round(dt, 3), "min s": round(min(times[name]), 3), "MB/s": round(nbytes / dt / 1e6, 2),
                          "tokens/s": round(tokens[name] / dt), "x sentencepiece": round(base / dt, 3),
                          "cpu s/MB main": round(cpu[name][0] / nbytes * 1e6, 4),
                          "cpu s/MB workers": round(cpu[name][1] / nbytes * 1e6, 4)})
@@ -161,8 +164,8 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"{result['text_mb']} MB of text, {result['documents']} documents, {result['cpus']} CPUs, "
-          f"load average {', '.join(f'{x:.1f}' for x in result['load_average'])} (best of {a.repeats})")
-    cols = ["run", "seconds", "MB/s", "tokens/s", "x sentencepiece", "cpu s/MB main", "cpu s/MB workers"]
+          f"load average {', '.join(f'{x:.1f}' for x in result['load_average'])} (median of {a.repeats})")
+    cols = ["run", "seconds", "min s", "MB/s", "tokens/s", "x sentencepiece", "cpu s/MB main", "cpu s/MB workers"]
     print("  ".join(f"{c:>26}" if i == 0 else f"{c:>10}" for i, c in enumerate(cols)))
     for r in rows:
         print("  ".join(f"{r[c]:>26}" if i == 0 else f"{r[c]:>10}" for i, c in enumerate(cols)))

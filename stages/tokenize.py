@@ -12,7 +12,9 @@ Tokenize pipeline (memory flat in corpus size; the output does not depend on ``w
           parse records + sentencepiece-encode (``Tokenizer.encode_arrays``) --> main, in order:
           split into shards at document boundaries, write .bin/.idx (glmctl.data), manifest last
 
-With one worker the main process also parses, so the worker only encodes. Resume: each finished
+With one worker, the worker is a thread of the main process (sentencepiece releases the GIL
+while it encodes) and the main thread parses, so nothing is copied between processes; with
+``workers=0`` everything runs in turn in the main thread. Resume: each finished
 shard is renamed into ``.<out>.partial/`` and ``.<out>.partial.json`` records where the next shard
 starts (file, byte offset, records to skip) plus the counts so far; ``resume`` restarts there.
 Shards are cut by document sizes only, so a resumed run writes the same bytes.
@@ -414,13 +416,11 @@ def _worker_init(tokenizer_dir: str, opts: dict) -> None:
 
 
 def _worker_task(task):
-    """("raw", data, fmt, first_line) -> (Parsed, tokens, lengths); ("texts", texts) -> (None, tokens, lengths)."""
-    if task[0] == "raw":
-        parsed = parse_records(task[1], task[2], _W["json_key"], task[3])
-        texts = parsed.texts
-    else:
-        parsed, texts = None, task[1]
-    tokens, lengths = encode_docs(_W["tok"], texts, eod=_W["eod"], dtype=_W["dtype"])
+    """("raw", data, fmt, first_line) -> (Parsed, tokens, lengths), in a worker process."""
+    _, data, fmt, first_line = task
+    parsed = parse_records(data, fmt, _W["json_key"], first_line)
+    tokens, lengths = encode_docs(_W["tok"], parsed.texts, eod=_W["eod"], dtype=_W["dtype"])
+    parsed.texts = []  # the main process does not need them back
     return parsed, tokens, lengths
 
 
@@ -655,20 +655,34 @@ def _pipeline(config, tok, files, input_of, writer: _Writer, workers: int, opts:
 
     stop_after = int(os.environ.get("GLMCTL_TEST_PAUSE_AFTER_CHUNKS", "0"))  # test hook: hang here
     stats = {"chunks": 0, "documents": 0, "tokens": 0, "bytes": 0}
-    pool = None
-    if workers >= 1:  # fork before the progress bar starts its thread
+    pool = thread = None
+    if workers >= 2:  # processes that parse and encode; fork before the progress bar starts its thread
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         pool = ctx.Pool(workers, initializer=_worker_init, initargs=(str(config.tokenizer), opts))
+    elif workers == 1:  # one encoding thread (sentencepiece releases the GIL); this thread reads and parses
+        from concurrent.futures import ThreadPoolExecutor
+        thread = ThreadPoolExecutor(1, thread_name_prefix="glmctl-encode")
     bar = console.progress(total=total / 1e6, desc="tokenize (MB)", unit="MB")
     bar.update(done_disk / 1e6)
     t0 = time.monotonic()
-    parse_in_main = workers <= 1
     window = 2 * max(workers, 1) + 2
     pending: deque = deque()
 
+    def submit(c: Chunk):
+        """Start a chunk; returns (Parsed or None, a callable giving (Parsed or None, tokens, lengths))."""
+        if pool is not None:
+            return None, pool.apply_async(_worker_task, (("raw", c.data, fmts[c.file], c.line),)).get
+        parsed = parse_records(c.data, fmts[c.file], config.json_key, c.line)
+        if thread is not None:
+            fut = thread.submit(encode_docs, tok, parsed.texts, eod=opts["eod"], dtype=opts["dtype"])
+            parsed.texts = []  # the encoder holds them; keep memory flat
+            return parsed, lambda: (None, *fut.result())
+        res = (None, *encode_docs(tok, parsed.texts, eod=opts["eod"], dtype=opts["dtype"]))
+        return parsed, lambda: res
+
     def finish(item):
-        c, parsed, res = item
-        p2, tokens, lengths = res.get() if pool is not None else res
+        c, parsed, get = item
+        p2, tokens, lengths = get()
         parsed = parsed or p2
         n = writer.add(c, parsed, tokens, lengths, input_of[c.file], files)
         stats["chunks"] += 1
@@ -684,17 +698,10 @@ def _pipeline(config, tok, files, input_of, writer: _Writer, workers: int, opts:
 
     try:
         for c in chunks():
-            parsed = parse_records(c.data, fmts[c.file], config.json_key, c.line) if parse_in_main else None
-            if pool is None:
-                res = (None, *encode_docs(tok, parsed.texts, eod=opts["eod"], dtype=opts["dtype"]))
-            elif parsed is not None:
-                res = pool.apply_async(_worker_task, (("texts", parsed.texts),))
-                parsed.texts = []  # the worker has them; keep memory flat
-            else:
-                res = pool.apply_async(_worker_task, (("raw", c.data, fmts[c.file], c.line),))
+            parsed, get = submit(c)
             c.data = b""  # the worker has its copy; keep memory flat
-            pending.append((c, parsed, res))
-            while len(pending) >= window or (pool is None and pending):
+            pending.append((c, parsed, get))
+            while len(pending) >= window or (workers == 0 and pending):
                 finish(pending.popleft())
         while pending:
             finish(pending.popleft())
@@ -707,6 +714,8 @@ def _pipeline(config, tok, files, input_of, writer: _Writer, workers: int, opts:
         if pool is not None:
             pool.terminate()
             pool.join()
+        if thread is not None:
+            thread.shutdown(wait=True, cancel_futures=True)
     return stats
 
 
