@@ -128,13 +128,17 @@ def manifest_hash(path: str | Path) -> str | None:
 
 def environment() -> dict:
     env = {"python": platform.python_version(), "platform": platform.platform()}
-    try:
-        import torch
+    torch = sys.modules.get("torch")  # never import torch just to describe it (slow start-up)
+    if torch is not None:
         env["torch"] = torch.__version__
         env["cuda"] = torch.version.cuda
         env["cuda_available"] = torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        pass
+    else:
+        try:
+            from importlib.metadata import version
+            env["torch"] = version("torch")
+        except Exception:  # noqa: BLE001
+            pass
     env["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
     return env
 
