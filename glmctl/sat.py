@@ -78,19 +78,22 @@ def shard_files(folder: Path) -> list[Path]:
     return [ranks[r] for r in range(len(ranks))]
 
 
-def load_shard(path: Path, mmap_: bool = True) -> dict[str, torch.Tensor]:
-    """The 'module' state dict of one shard, tensors memory-mapped (paged in when touched)."""
+def load_shard(path: Path, mmap_: bool = True) -> tuple[dict[str, torch.Tensor], bool]:
+    """(the 'module' state dict of one shard, whether its tensors are memory-mapped from the file:
+    paged in when touched; False for legacy pre-zip pickles, which are read whole)."""
     if not path.is_file():
         raise InputError(f"{path}: missing rank file")
     try:
         with torch.serialization.safe_globals(EXTRA_SAFE_GLOBALS):
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_)
+                mapped = mmap_
             except RuntimeError as e:
                 if mmap_ and "mmap" in str(e):  # legacy (pre-zip) pickle: cannot be mapped
                     from glmctl.console import warn
                     warn(f"{path}: legacy torch format, loading the whole shard into memory")
                     obj = torch.load(path, map_location="cpu", weights_only=True)
+                    mapped = False
                 else:
                     raise
     except pickle.UnpicklingError as e:
@@ -103,7 +106,7 @@ def load_shard(path: Path, mmap_: bool = True) -> dict[str, torch.Tensor]:
     sd = obj["module"]
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise InputError(f"{path}: 'module' is not a mapping of tensor names to tensors")
-    return dict(sd)
+    return dict(sd), mapped
 
 
 def _refusal(path: Path, err: Exception) -> str:
@@ -121,6 +124,8 @@ def _refusal(path: Path, err: Exception) -> str:
 def drop_pages(t: torch.Tensor) -> None:
     """Release the resident pages of a memory-mapped, never-written tensor (Linux madvise).
 
+    Only for tensors from ``load_shard(...)`` with mapped=True: on ordinary (anonymous) memory
+    MADV_DONTNEED would zero the data.
     They come back from the file if touched again, so this only bounds the RSS of a stream
     that reads a file once, tensor by tensor. A no-op where madvise is unavailable.
     """

@@ -72,7 +72,7 @@ class _Source:
         names = [n for n in self.names if "layernorm" in n]
         return self.dtypes[names[0]] if names else next(iter(self.dtypes.values()))
 
-    def release(self, name):  # noqa: D401 - drop what reading ``name`` made resident
+    def release(self, name, ranks=None):  # noqa: D401 - drop what reading ``name`` made resident
         pass
 
     def close(self):
@@ -122,8 +122,9 @@ class NativeSource(_Source):
         if (path / "tokenizer.model").exists() or (path / "tokenizer.json").exists():
             self.tokenizer_dir = path
         m = re.fullmatch(r"step-0*(\d+)", path.name)
-        self.iteration = (m.group(1) or "0") if m else (self.manifest.get("config", {}).get("source", {})
-                                                          .get("iteration"))
+        step = (self.manifest.get("summary") or {}).get("step")  # pretrain records its step (also final/)
+        self.iteration = m.group(1) if m else str(step) if isinstance(step, int) else (
+            (self.manifest.get("config") or {}).get("source", {}).get("iteration"))
 
     def read(self, name, rank):
         from safetensors import safe_open
@@ -146,7 +147,9 @@ class SatSource(_Source):
         folder = root / self.iteration
         self.files = sat.shard_files(folder)
         self.label = f"SAT checkpoint {root} (iteration {self.iteration})"
-        self.shards = [sat.load_shard(f) for f in self.files]
+        loaded = [sat.load_shard(f) for f in self.files]
+        self.shards = [sd for sd, _ in loaded]
+        self.mapped = [mapped for _, mapped in loaded]
         self.tp = len(self.files)
         _check_same_names([set(s) for s in self.shards], lambda r: str(self.files[r]))
         self.raw_local = {k: [tuple(s[k].shape) for s in self.shards] for k in self.shards[0]}
@@ -183,10 +186,11 @@ class SatSource(_Source):
     def read(self, name, rank):
         return self._to_glmctl(name, self.shards[rank][name])
 
-    def release(self, name):
+    def release(self, name, ranks=None):
         from glmctl import sat
-        for s in self.shards:
-            sat.drop_pages(s[name])
+        for r in range(self.tp) if ranks is None else ranks:
+            if self.mapped[r]:  # only file-backed pages: on anonymous memory MADV_DONTNEED zeroes data
+                sat.drop_pages(self.shards[r][name])
 
 
 class ZeroSource(_Source):
@@ -669,25 +673,52 @@ class Plan:
         return self.dtype if dt != torch.float64 else dt
 
     # -- one tensor: source rank tensors -> output rank tensors ----------------------------------
-    def produce(self, name, shards):
-        """Yields this tensor's output for rank 0 … tp_out-1 (glmctl form, output dtype)."""
+    def produce(self, name, get, free=None):
+        """Yields this tensor's output for rank 0 … tp_out-1 (glmctl form, output dtype).
+
+        ``get(r)`` reads source rank r; ``free(r)`` is called once rank r is no longer needed.
+        When one TP divides the other, output rank i is cut from source rank i // k or merged
+        from source ranks i·k … i·k+k-1 (as GLM-130B's convert_tp.py), so only those are resident;
+        otherwise (or when scales are regrouped) through the global tensor.
+        """
         from glmctl import tp_layout
-        scale = name.endswith("weight_scale")
-        regroup = scale and self.group_in != self.group_out
+        free = free or (lambda r: None)
+        tin, tout = self.tp_in, self.tp_out
+        regroup = name.endswith("weight_scale") and self.group_in != self.group_out
+
+        def cast(t):
+            dt = self._out_dtype(name, t.dtype)
+            return t if dt == t.dtype else t.to(dt)
         try:
-            if self.tp_in == self.tp_out and not regroup:
-                outs = iter(shards)
+            if tin == tout and not regroup:
+                for r in range(tin):
+                    yield cast(get(r))
+                    free(r)
+            elif tout % tin == 0 and not regroup:  # up: cut each source shard into k
+                k = tout // tin
+                for r in range(tin):
+                    t = get(r)
+                    for j in range(k):
+                        yield cast(tp_layout.shard_tensor(name, t, k, j))
+                    del t
+                    free(r)
+            elif tin % tout == 0 and not regroup:  # down: merge k source shards
+                k = tin // tout
+                for i in range(tout):
+                    yield cast(tp_layout.merge_tensors(name, [get(r) for r in range(i * k, (i + 1) * k)]))
+                    for r in range(i * k, (i + 1) * k):
+                        free(r)
             else:
-                full = tp_layout.merge_tensors(name, shards)
+                full = tp_layout.merge_tensors(name, [get(r) for r in range(tin)])
                 if regroup:
                     full = tp_layout.regroup_scale(name, full, self._in_features(name), self.group_in,
                                                    self.group_out)
-                outs = (tp_layout.shard_tensor(name, full, self.tp_out, r) for r in range(self.tp_out))
-            for t in outs:
-                dt = self._out_dtype(name, t.dtype)
-                yield t if dt == t.dtype else t.to(dt)
+                for r in range(tin):
+                    free(r)
+                for r in range(tout):
+                    yield cast(tp_layout.shard_tensor(name, full, tout, r))
         except tp_layout.LayoutError as e:
-            raise UsageError(f"cannot reshard TP={self.tp_in} -> TP={self.tp_out}: {e}") from None
+            raise UsageError(f"cannot reshard TP={tin} -> TP={tout}: {e}") from None
 
 
 def _gname(g):
@@ -795,7 +826,7 @@ class SatSink:
         if cfg.quantization:  # scales are small: check every one converts before writing any weight
             for n in plan.names:
                 if n.endswith("weight_scale"):
-                    for t in plan.produce(n, [plan.src.read(n, r) for r in range(plan.tp_in)]):
+                    for t in plan.produce(n, lambda r, n=n: plan.src.read(n, r)):
                         self.to_sat(n, t)
         (directory / iteration).mkdir(parents=True)
         self.writers = []
@@ -842,11 +873,8 @@ def _inv_freq(cfg, dtype):
 def _write_all(plan: Plan, sink, progress) -> None:
     src = plan.src
     for n in plan.names:
-        shards = [src.read(n, r) for r in range(plan.tp_in)]
-        for r, t in enumerate(plan.produce(n, shards)):
+        for r, t in enumerate(plan.produce(n, lambda r: src.read(n, r), lambda r: src.release(n, [r]))):
             sink.write(r, n, t)
-        del shards
-        src.release(n)
         progress.update(1)
     for n in plan.add_inv_freq:
         for r in range(plan.tp_out):
