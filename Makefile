@@ -63,3 +63,53 @@ kernels-report: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# ---------------------------------------------------------------------------------------------
+# The demo pipeline: every stage on the sample corpus. Targets are manifests (written last by
+# each stage), so a finished stage never reruns and deleting an artifact reruns what depends on it.
+# Each stage's settings live in the variables below, in one place.
+DEMO ?= demo
+VOCAB_SIZE      ?= 8000
+PRETRAIN_FLAGS  ?= --preset small --seq-len 256 --micro-batch-size 8 --global-batch-size 32 \
+                   --steps 200 --lr 2e-3 --warmup 0.05 --eval-interval 40 --save-interval 100 --seed 1234
+INT8_FLAGS      ?= --bits 8 --max-ppl-increase 0.5
+INT4_FLAGS      ?= --bits 4 --group-size 128 --method gptq --compare rtn:row,rtn:g128 --max-ppl-increase 10
+EVAL_TASKS      ?= cloze_en cloze_zh mc_en mc_zh ppl_en ppl_zh
+GEN_FLAGS       ?= --max-new-tokens 32 --no-stream --strategy beam --num-beams 4 --no-repeat-ngram-size 3
+DEMO_PROMPTS    := "The Python interpreter" "中国人民" "The function returns [MASK] when the list is [MASK]."
+
+.PHONY: demo demo-clean
+demo: $(DEMO)/REPORT.md
+	@$(GLMCTL) report $(DEMO) --samples $(DEMO)/samples.jsonl
+
+$(DEMO)/corpus/manifest.json: | $(STAMP)
+	$(GLMCTL) sample-corpus $(DEMO)/corpus
+$(DEMO)/tokenizer/manifest.json: $(DEMO)/corpus/manifest.json
+	$(GLMCTL) tokenizer train $(DEMO)/corpus/train/en.jsonl $(DEMO)/corpus/train/zh.jsonl \
+	    --out $(DEMO)/tokenizer --vocab-size $(VOCAB_SIZE)
+$(DEMO)/tokens/manifest.json: $(DEMO)/tokenizer/manifest.json
+	$(GLMCTL) tokenize $(DEMO)/corpus/train --tokenizer $(DEMO)/tokenizer --out $(DEMO)/tokens
+$(DEMO)/tokens-valid/manifest.json: $(DEMO)/tokenizer/manifest.json
+	$(GLMCTL) tokenize $(DEMO)/corpus/valid --tokenizer $(DEMO)/tokenizer --out $(DEMO)/tokens-valid
+$(DEMO)/run/final/manifest.json: $(DEMO)/tokens/manifest.json $(DEMO)/tokens-valid/manifest.json
+	$(GLMCTL) pretrain --data $(DEMO)/tokens --valid-data $(DEMO)/tokens-valid --out $(DEMO)/run \
+	    --tokenizer $(DEMO)/tokenizer $(PRETRAIN_FLAGS) --resume auto
+$(DEMO)/model-tp2/manifest.json: $(DEMO)/run/final/manifest.json
+	$(GLMCTL) convert $(DEMO)/run/final $(DEMO)/model-tp2 --tp 2 --verify
+$(DEMO)/model/manifest.json: $(DEMO)/model-tp2/manifest.json
+	$(GLMCTL) convert $(DEMO)/model-tp2 $(DEMO)/model --tp 1 --verify
+$(DEMO)/model-int8/manifest.json: $(DEMO)/model/manifest.json $(DEMO)/tokens-valid/manifest.json
+	$(GLMCTL) quantize $(DEMO)/model $(DEMO)/model-int8 $(INT8_FLAGS) --eval $(DEMO)/tokens-valid
+$(DEMO)/model-int4/manifest.json: $(DEMO)/model/manifest.json $(DEMO)/tokens/manifest.json $(DEMO)/tokens-valid/manifest.json
+	$(GLMCTL) quantize $(DEMO)/model $(DEMO)/model-int4 $(INT4_FLAGS) --calibration $(DEMO)/tokens --eval $(DEMO)/tokens-valid
+$(DEMO)/eval-fp/manifest.json: $(DEMO)/model/manifest.json
+	$(GLMCTL) evaluate $(DEMO)/model $(EVAL_TASKS) --out $(DEMO)/eval-fp
+$(DEMO)/eval-int4/manifest.json: $(DEMO)/model-int4/manifest.json $(DEMO)/eval-fp/manifest.json
+	$(GLMCTL) evaluate $(DEMO)/model-int4 $(EVAL_TASKS) --out $(DEMO)/eval-int4 --compare $(DEMO)/eval-fp
+$(DEMO)/samples.jsonl: $(DEMO)/model/manifest.json
+	$(GLMCTL) generate $(DEMO)/model $(DEMO_PROMPTS) $(GEN_FLAGS) --output $@
+$(DEMO)/REPORT.md: $(DEMO)/model-int8/manifest.json $(DEMO)/eval-int4/manifest.json $(DEMO)/samples.jsonl
+	$(GLMCTL) report $(DEMO) --samples $(DEMO)/samples.jsonl > /dev/null
+
+demo-clean:
+	rm -rf $(DEMO)

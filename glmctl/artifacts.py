@@ -29,6 +29,9 @@ from glmctl.errors import InputError, LockHeld
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+# When the command started (set by the CLI): a manifest's "started" covers the whole stage run,
+# not only the final write.
+RUN_STARTED: _dt.datetime | None = None
 
 
 # ---- atomic files ----------------------------------------------------------------------------
@@ -186,7 +189,7 @@ class ArtifactWriter:
         self.started = None
 
     def __enter__(self):
-        self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.started = RUN_STARTED or _dt.datetime.now(_dt.timezone.utc)
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)

@@ -127,7 +127,8 @@ def save_model(model, path: str | Path, tokenizer: str | Path | None = None, *, 
         w = ArtifactWriter(path, stage=stage, config=run_cfg, inputs=inputs)
         w.status = status
         w.path = tmp
-        w.started = None
+        from glmctl import artifacts
+        w.started = artifacts.RUN_STARTED
         w.summary.update(summary or {})
         w.finish()
     dist.barrier(group=tp.tp_group())

@@ -34,7 +34,7 @@ app = typer.Typer(
 )
 
 # Pipeline order: this is the order `glmctl --help` lists them in.
-COMMAND_MODULES = ["tokenize", "pretrain", "convert", "quantize", "evaluate", "generate", "inspect", "kernels"]
+COMMAND_MODULES = ["tokenize", "pretrain", "convert", "quantize", "evaluate", "generate", "report", "inspect", "kernels"]
 
 
 def _version(value: bool):
@@ -93,6 +93,9 @@ _register_commands()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected failures print one line and exit with their code."""
+    import datetime as _dt
+    from glmctl import artifacts
+    artifacts.RUN_STARTED = _dt.datetime.now(_dt.timezone.utc)
     argv = sys.argv[1:] if argv is None else argv
     if not argv:  # `glmctl` alone: the stages in pipeline order, on stdout
         argv = ["--help"]
