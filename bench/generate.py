@@ -102,6 +102,14 @@ def main(argv=None):
           f"{json.dumps(kstatus.get('cpu', kstatus)) if kstatus else 'n/a'}", file=sys.stderr)
     results = {"new_tokens": n_new, "context": a.context, "threads": torch.get_num_threads()}
     rows = []
+    header = f"{'comparison':44}  {'tok/s':>9}  {'baseline':>9}  {'ratio':>6}  note"
+
+    def row(name, x, base, ratio, note):  # printed as soon as measured (the full run takes minutes)
+        rows.append((name, x, base, ratio, note))
+        if not a.json:
+            if len(rows) == 1:
+                print(header, flush=True)
+            print(f"{name:44}  {x:9.1f}  {base:9.1f}  {ratio:5.2f}x  {note}", flush=True)
 
     # 1. KV cache vs recompute --------------------------------------------------------------
     model = build("small")
@@ -111,8 +119,8 @@ def main(argv=None):
     t_full, toks = timed(lambda: recompute(model, req, n_new))
     same = hyp[0][0].tokens == toks
     r1 = t_full / t_cache
-    rows.append(("KV cache vs full recompute (small, batch 1)", n_new / t_cache, n_new / t_full, r1,
-                 "same tokens" if same else "TOKENS DIFFER"))
+    row("KV cache vs full recompute (small, batch 1)", n_new / t_cache, n_new / t_full, r1,
+        "same tokens" if same else "TOKENS DIFFER")
     results["kv_cache"] = {"cache_tok_s": n_new / t_cache, "recompute_tok_s": n_new / t_full, "ratio": r1,
                            "same_tokens": same}
 
@@ -121,7 +129,7 @@ def main(argv=None):
     t_b1, _ = timed(lambda: [cached(model, [r], n_new) for r in reqs[:2]])
     t_b8, _ = timed(lambda: cached(model, reqs, n_new))
     tps1, tps8 = 2 * n_new / t_b1, 8 * n_new / t_b8
-    rows.append(("batch 8 vs batch 1 throughput (small)", tps8, tps1, tps8 / tps1, "tokens/s, all prompts"))
+    row("batch 8 vs batch 1 throughput (small)", tps8, tps1, tps8 / tps1, "tokens/s, all prompts")
     results["batch"] = {"batch8_tok_s": tps8, "batch1_tok_s": tps1, "ratio": tps8 / tps1}
     del model
 
@@ -137,17 +145,11 @@ def main(argv=None):
         cached(q, [req], 2)
         t_q, _ = timed(lambda: cached(q, [req], n_new))
         del q
-        rows.append((f"INT4 vs fp32 decode ({preset}, batch 1)", n_new / t_q, n_new / t_fp, t_fp / t_q,
-                     "tokens/s"))
+        row(f"INT4 vs fp32 decode ({preset}, batch 1)", n_new / t_q, n_new / t_fp, t_fp / t_q, "tokens/s")
         results["int4"][preset] = {"int4_tok_s": n_new / t_q, "fp32_tok_s": n_new / t_fp, "ratio": t_fp / t_q}
 
     if a.json:
         print(json.dumps(results, indent=2))
-        return
-    w = max(len(r[0]) for r in rows)
-    print(f"{'comparison'.ljust(w)}  {'tok/s':>9}  {'baseline':>9}  {'ratio':>6}  note")
-    for name, x, base, ratio, note in rows:
-        print(f"{name.ljust(w)}  {x:9.1f}  {base:9.1f}  {ratio:5.2f}x  {note}")
 
 
 if __name__ == "__main__":
