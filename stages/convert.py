@@ -157,8 +157,9 @@ class SatSource(_Source):
         for k, shapes in self.raw_local.items():
             for r, s in enumerate(shapes[1:], start=1):
                 if s != shapes[0] or self.shards[r][k].dtype != self.raw_dtypes[k]:
-                    raise InputError(f"{folder}: {k} is {list(shapes[0])} {self.raw_dtypes[k]} in "
-                                     f"{self.files[0].name} but {list(s)} {self.shards[r][k].dtype} in "
+                    dt = lambda t: str(t).replace("torch.", "")  # noqa: E731
+                    raise InputError(f"{folder}: {k} is {list(shapes[0])} {dt(self.raw_dtypes[k])} in "
+                                     f"{self.files[0].name} but {list(s)} {dt(self.shards[r][k].dtype)} in "
                                      f"{self.files[r].name}")
         self.shapes = _ShapeFacts(self.raw_local, self.raw_dtypes, self.tp, str(folder))
         self.shapes.check_rank_count(self.files)
@@ -337,7 +338,7 @@ class _ShapeFacts:
                      if not rem and implied > have else "")
             raise InputError(f"{self.where}: shapes imply TP={3 * self.hidden / self.qkv_rows_local:g} "
                              f"(query_key_value has {self.qkv_rows_local} of {3 * self.hidden} rows per rank) "
-                             f"but there are {have} rank files{extra}")
+                             f"but {have} rank file{'s' if have != 1 else ''} exist{'s' if have == 1 else ''}{extra}")
 
     def in_features(self, name, local=False):
         from glmctl import tp_layout
