@@ -98,13 +98,31 @@ def _warn_fallback(backend: str, info: dict) -> None:
                   f"`glmctl kernels` shows the status)", RuntimeWarning, stacklevel=3)
 
 
-def _cuda_device_ok(device: torch.device) -> bool:
-    """The compiled CUDA archs can run on this device (cached per device index)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+def _constant(fn):
+    """Mark fn as returning a trace-time constant for torch.compile (what
+    torch.compiler.assume_constant_result does, without importing dynamo here)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant
+def _available(backend: str) -> bool:
+    """The compiled extension for ``backend`` is loaded (loading it on first use); warns once if not."""
+    info = _loaded.get(backend) or _load(backend)
+    if not info["ok"]:
+        _warn_fallback(backend, info)
+    return info["ok"]
+
+
+@_constant
+def _cuda_device_ok(index: int) -> bool:
+    """The compiled CUDA archs can run on device ``index`` (-1: the current one); cached."""
+    if index < 0:
+        index = torch.cuda.current_device()
     cache = _loaded["cuda"].setdefault("device_ok", {})
-    if idx not in cache:
-        cache[idx] = _arch_supported(torch.cuda.get_device_capability(idx), _cuda_archs())
-    return cache[idx]
+    if index not in cache:
+        cache[index] = _arch_supported(torch.cuda.get_device_capability(index), _cuda_archs())
+    return cache[index]
 
 
 def _cuda_archs() -> list[int]:
@@ -125,15 +143,11 @@ def _arch_supported(cap: tuple[int, int], archs: list[int]) -> bool:
 def quant_linear(x, qweight, scale, bias=None, bits: int = 4):
     """y = x @ dequant(qweight, scale)^T + bias, in x's dtype; x [..., k] -> [..., n]."""
     dev = x.device.type
-    if dev in ("cpu", "cuda"):
-        info = _loaded.get(dev) or _load(dev)
-        if info["ok"]:
-            if (x.dtype in (_CPU_DTYPES if dev == "cpu" else _CUDA_DTYPES)
-                    and scale.dtype in _SCALE_DTYPES and qweight.dtype == torch.int8
-                    and (dev == "cpu" or _cuda_device_ok(x.device))):
-                return torch.ops.glmctl.quant_linear(x, qweight, scale, bias, bits, 0)
-        else:
-            _warn_fallback(dev, info)
+    if (dev == "cpu" or dev == "cuda") and _available(dev):
+        if (x.dtype in (_CPU_DTYPES if dev == "cpu" else _CUDA_DTYPES)
+                and scale.dtype in _SCALE_DTYPES and qweight.dtype == torch.int8
+                and (dev == "cpu" or _cuda_device_ok(-1 if x.device.index is None else x.device.index))):
+            return torch.ops.glmctl.quant_linear(x, qweight, scale, bias, bits, 0)
     shape = x.shape
     y = quant_linear_ref(x.reshape(-1, shape[-1]), qweight, scale, bias, bits)
     return y.reshape(*shape[:-1], y.shape[-1])

@@ -103,18 +103,25 @@ struct Problem {
   at::ScalarType stype;
 };
 
+// Scales of rows [r0, r0 + rows) as fp32, [rows][ng]; rows past n repeat the last row.
+void row_scales(const Problem& p, int64_t r0, int rows, float* out) {
+  for (int j = 0; j < rows; ++j) {
+    const int64_t r = std::min<int64_t>(r0 + j, p.n - 1);
+    for (int64_t g = 0; g < p.ng; ++g) out[j * p.ng + g] = load_f(p.scale, p.stype, r * p.ng + g);
+  }
+}
+
 inline int nibble_hi(int8_t b) { return ((((int)b >> 4) & 0xF) ^ 8) - 8; }
 inline int nibble_lo(int8_t b) { return (((int)b & 0xF) ^ 8) - 8; }
 
 // Generic dequantization of row r, columns [c0, c1) (c0 a multiple of 16, c1 <= Kp) into
 // w[0 .. c1-c0) in buffer order; columns >= k become 0.
-void dequant_chunk_scalar(const Problem& p, int64_t r, int64_t c0, int64_t c1, float* w) {
+void dequant_chunk_scalar(const Problem& p, int64_t r, const float* sf, int64_t c0, int64_t c1, float* w) {
   const int8_t* q = p.qw + r * p.row_bytes;
-  const int64_t srow = r * p.ng;
   std::fill(w, w + (c1 - c0), 0.f);
   const int64_t cend = std::min(c1, p.k);
   for (int64_t c = c0; c < cend; ++c) {
-    const float s = load_f(p.scale, p.stype, srow + c / p.G);
+    const float s = sf[c / p.G];
     int v;
     int64_t pos;
     if (p.bits == 4) {
@@ -129,15 +136,14 @@ void dequant_chunk_scalar(const Problem& p, int64_t r, int64_t c0, int64_t c1, f
   }
 }
 
-void dequant_chunk_fast_scalar(const Problem& p, int64_t r, int64_t c0, int64_t c1, float* w) {
-  if (!p.vec_groups) return dequant_chunk_scalar(p, r, c0, c1, w);
+void dequant_chunk_fast_scalar(const Problem& p, int64_t r, const float* sf, int64_t c0, int64_t c1, float* w) {
+  if (!p.vec_groups) return dequant_chunk_scalar(p, r, sf, c0, c1, w);
   const int8_t* q = p.qw + r * p.row_bytes;
-  const int64_t srow = r * p.ng;
   const int64_t blk = p.bits == 4 ? 16 : 8;
   const int64_t full_end = std::min(c1, (p.k / blk) * blk);
   int64_t c = c0;
   for (; c < full_end; c += blk) {
-    const float s = load_f(p.scale, p.stype, srow + c / p.G);
+    const float s = sf[c / p.G];
     float* o = w + (c - c0);
     if (p.bits == 4) {
       const int8_t* b = q + (c >> 1);
@@ -149,7 +155,7 @@ void dequant_chunk_fast_scalar(const Problem& p, int64_t r, int64_t c0, int64_t 
       for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(q[c + j]) * s;
     }
   }
-  if (c < c1) dequant_chunk_scalar(p, r, c, c1, w + (c - c0));
+  if (c < c1) dequant_chunk_scalar(p, r, sf, c, c1, w + (c - c0));
 }
 
 // res[i*RB + r] += sum_c x[i][c] * w[r][c]
@@ -174,23 +180,22 @@ void micro_scalar(const float* x, int64_t ldx, const float* w, int64_t ldw, int6
 #if GLMCTL_X86
 #define GLMCTL_AVX2 __attribute__((target("avx2,fma")))
 
-GLMCTL_AVX2 void dequant_chunk_avx2(const Problem& p, int64_t r, int64_t c0, int64_t c1, float* w) {
-  if (!p.vec_groups) return dequant_chunk_scalar(p, r, c0, c1, w);
+GLMCTL_AVX2 void dequant_chunk_avx2(const Problem& p, int64_t r, const float* sf, int64_t c0, int64_t c1, float* w) {
+  if (!p.vec_groups) return dequant_chunk_scalar(p, r, sf, c0, c1, w);
   const int8_t* q = p.qw + r * p.row_bytes;
-  const int64_t srow = r * p.ng;
   const int64_t blk = p.bits == 4 ? 16 : 8;
   const int64_t full_end = std::min(c1, (p.k / blk) * blk);
   int64_t c = c0;
   // Walk the groups incrementally (no division per block).
   int64_t g = c0 / p.G;
   int64_t gend = (g + 1) * p.G;
-  __m256 s = _mm256_set1_ps(load_f(p.scale, p.stype, srow + g));
+  __m256 s = _mm256_set1_ps(sf[g]);
   if (p.bits == 4) {
     for (; c < full_end; c += 16) {
-      if (c >= gend) {
-        g = c / p.G;
-        gend = (g + 1) * p.G;
-        s = _mm256_set1_ps(load_f(p.scale, p.stype, srow + g));
+      if (c >= gend) {  // blocks never skip a group (G >= block size)
+        ++g;
+        gend += p.G;
+        s = _mm256_set1_ps(sf[g]);
       }
       const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (c >> 1))));
       const __m256i hi = _mm256_srai_epi32(v, 4);
@@ -200,16 +205,16 @@ GLMCTL_AVX2 void dequant_chunk_avx2(const Problem& p, int64_t r, int64_t c0, int
     }
   } else {
     for (; c < full_end; c += 8) {
-      if (c >= gend) {
-        g = c / p.G;
-        gend = (g + 1) * p.G;
-        s = _mm256_set1_ps(load_f(p.scale, p.stype, srow + g));
+      if (c >= gend) {  // blocks never skip a group (G >= block size)
+        ++g;
+        gend += p.G;
+        s = _mm256_set1_ps(sf[g]);
       }
       const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + c)));
       _mm256_storeu_ps(w + (c - c0), _mm256_mul_ps(_mm256_cvtepi32_ps(v), s));
     }
   }
-  if (c < c1) dequant_chunk_scalar(p, r, c, c1, w + (c - c0));
+  if (c < c1) dequant_chunk_scalar(p, r, sf, c, c1, w + (c - c0));
 }
 
 GLMCTL_AVX2 inline float hsum256(__m256 v) {
@@ -245,7 +250,8 @@ GLMCTL_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t
 // a time, no staging buffer (8 independent accumulator chains; for MB <= 2 the two halves of
 // each 16-column block get separate accumulators).  Needs one scale per 16 columns.
 template <int MB>
-GLMCTL_AVX2 void direct_rows_avx2(const Problem& p, const float* xp, int64_t r0, int rows, float* res) {
+GLMCTL_AVX2 void direct_rows_avx2(const Problem& p, const float* xp, const float* sf, int64_t r0, int rows,
+                                  float* res) {
   const int64_t kfull = p.k & ~int64_t(15);
   const int8_t* q[2];
   for (int j = 0; j < 2; ++j) q[j] = p.qw + std::min<int64_t>(r0 + j, p.n - 1) * p.row_bytes;
@@ -261,7 +267,7 @@ GLMCTL_AVX2 void direct_rows_avx2(const Problem& p, const float* xp, int64_t r0,
       const int64_t g = c / p.G;
       gend = (g + 1) * p.G;
       for (int j = 0; j < 2; ++j)
-        s[j] = _mm256_set1_ps(load_f(p.scale, p.stype, std::min<int64_t>(r0 + j, p.n - 1) * p.ng + g));
+        s[j] = _mm256_set1_ps(sf[j * p.ng + g]);
     }
     __m256 wa[2], wb[2];
     for (int j = 0; j < 2; ++j) {
@@ -286,7 +292,7 @@ GLMCTL_AVX2 void direct_rows_avx2(const Problem& p, const float* xp, int64_t r0,
   }
   for (int j = 0; j < rows; ++j) {
     float tail[16];
-    if (kfull < p.k) dequant_chunk_scalar(p, r0 + j, kfull, p.Kp, tail);
+    if (kfull < p.k) dequant_chunk_scalar(p, r0 + j, sf + j * p.ng, kfull, p.Kp, tail);
     for (int i = 0; i < MB; ++i) {
       float v = hsum256(H == 2 ? _mm256_add_ps(acc[j][i][0], acc[j][i][H - 1]) : acc[j][i][0]);
       for (int64_t c = kfull; c < p.Kp; ++c) v += tail[c - kfull] * xp[i * p.Kp + c];
@@ -318,14 +324,16 @@ void run_direct(const Problem& p, const float* xp, const float* bias, void* out,
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(32, npairs / (4 * at::get_num_threads() + 1)));
   at::parallel_for(0, npairs, grain, [&](int64_t b0, int64_t b1) {
     float res[8];
+    std::vector<float> sf(2 * p.ng);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = 2 * b;
       const int rows = static_cast<int>(std::min<int64_t>(2, p.n - r0));
+      row_scales(p, r0, 2, sf.data());
       switch (p.m) {
-        case 1: direct_rows_avx2<1>(p, xp, r0, rows, res); break;
-        case 2: direct_rows_avx2<2>(p, xp, r0, rows, res); break;
-        case 3: direct_rows_avx2<3>(p, xp, r0, rows, res); break;
-        default: direct_rows_avx2<4>(p, xp, r0, rows, res); break;
+        case 1: direct_rows_avx2<1>(p, xp, sf.data(), r0, rows, res); break;
+        case 2: direct_rows_avx2<2>(p, xp, sf.data(), r0, rows, res); break;
+        case 3: direct_rows_avx2<3>(p, xp, sf.data(), r0, rows, res); break;
+        default: direct_rows_avx2<4>(p, xp, sf.data(), r0, rows, res); break;
       }
       for (int64_t i = 0; i < p.m; ++i)
         for (int j = 0; j < rows; ++j) {
@@ -349,9 +357,11 @@ void run_fused(const Problem& p, const float* xp, const float* bias, void* out, 
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
     std::vector<float> wbuf(RB * KC);
     std::vector<float> acc(p.m * RB * 8);
+    std::vector<float> sf(RB * p.ng);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * RB;
       const int rows = static_cast<int>(std::min<int64_t>(RB, p.n - r0));
+      row_scales(p, r0, RB, sf.data());
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t c0 = 0; c0 < p.Kp; c0 += KC) {
         const int64_t c1 = std::min(c0 + KC, p.Kp);
@@ -364,11 +374,11 @@ void run_fused(const Problem& p, const float* xp, const float* bias, void* out, 
           }
 #if GLMCTL_X86
           if (avx2) {
-            dequant_chunk_avx2(p, r0 + r, c0, c1, wr);
+            dequant_chunk_avx2(p, r0 + r, sf.data() + r * p.ng, c0, c1, wr);
             continue;
           }
 #endif
-          dequant_chunk_fast_scalar(p, r0 + r, c0, c1, wr);
+          dequant_chunk_fast_scalar(p, r0 + r, sf.data() + r * p.ng, c0, c1, wr);
         }
         int64_t i = 0;
 #if GLMCTL_X86
@@ -405,14 +415,16 @@ void run_panels(const Problem& p, const at::Tensor& x2d, const float* bias, at::
     float* pw = panel.data_ptr<float>();
     at::parallel_for(0, nr, 1, [&](int64_t a, int64_t b) {
       std::vector<float> tmp(p.Kp);
+      std::vector<float> sf(p.ng);
       for (int64_t r = a; r < b; ++r) {
+        row_scales(p, r0 + r, 1, sf.data());
         for (int64_t c0 = 0; c0 < p.Kp; c0 += KC) {
           const int64_t c1 = std::min(c0 + KC, p.Kp);
 #if GLMCTL_X86
-          if (avx2) dequant_chunk_avx2(p, r0 + r, c0, c1, tmp.data() + c0);
+          if (avx2) dequant_chunk_avx2(p, r0 + r, sf.data(), c0, c1, tmp.data() + c0);
           else
 #endif
-            dequant_chunk_fast_scalar(p, r0 + r, c0, c1, tmp.data() + c0);
+            dequant_chunk_fast_scalar(p, r0 + r, sf.data(), c0, c1, tmp.data() + c0);
         }
         float* dst = pw + r * p.k;
         if (p.bits == 4) {
@@ -508,14 +520,6 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   return out.reshape(c.out_shape);
 }
 
-at::Tensor quant_linear_meta(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                             const c10::optional<at::Tensor>& bias, int64_t bits, int64_t path) {
-  auto shape = x.sizes().vec();
-  TORCH_CHECK(!shape.empty(), "glmctl::quant_linear: x must have at least one dimension");
-  shape.back() = qweight.size(0);
-  return at::empty(shape, x.options());
-}
-
 std::string cpu_isa() { return use_avx2() ? "avx2+fma" : (cpu_has_avx2() ? "scalar (forced)" : "scalar"); }
 
 bool cpu_force_scalar(bool on) { return g_force_scalar.exchange(on); }
@@ -531,7 +535,8 @@ TORCH_LIBRARY(glmctl, m) {
 
 TORCH_LIBRARY_IMPL(glmctl, CPU, m) { m.impl("quant_linear", &glmctl::quant_linear_cpu); }
 
-TORCH_LIBRARY_IMPL(glmctl, Meta, m) { m.impl("quant_linear", &glmctl::quant_linear_meta); }
+// The shape function (fake / meta kernel, symbolic shapes included) is registered from Python:
+// glmctl/kernels/__init__.py, torch.library.register_fake.
 
 // `import glmctl.kernels._cpu` loads this library (and with it the op registrations above).
 static struct PyModuleDef glmctl_cpu_module = {PyModuleDef_HEAD_INIT, "_cpu",
