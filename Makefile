@@ -49,10 +49,11 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/kernels_cpu.py
-	$(PY) bench/tokenize.py
+	$(PY) bench/tokenize_throughput.py
 	$(PY) bench/pretrain.py
 	$(PY) bench/evaluate.py
 	$(PY) bench/generate.py
+	$(PY) bench/convert_memory.py
 
 # On a GPU machine that already has torch (no .venv needed): builds with the machine's torch.
 gpu-check:

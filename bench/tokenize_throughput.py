@@ -1,6 +1,6 @@
 """Tokenization throughput: `glmctl tokenize` end to end vs plain sentencepiece, same documents.
 
-    python bench/tokenize.py --corpus data/sample/train --tokenizer data/tokenizer [--size-mb 20]
+    python bench/tokenize_throughput.py --corpus data/sample/train --tokenizer data/tokenizer [--size-mb 20]
 
 The corpus's .jsonl documents are repeated into ``--size-mb`` of jsonl under a temp dir. Then:
 
