@@ -61,6 +61,7 @@ class PretrainConfig:
     deepspeed_config: str | None = None
     tensor_parallel: int = 1
     activation_checkpointing: bool = False
+    exact_attention: bool = False  # the explicit fp32-softmax math instead of the fused kernel
     batch_size_rampup: str | None = None  # "START,INCREMENT,SAMPLES"
     save_interval: int | None = None  # default: a tenth of the run
     keep: int = 2
@@ -168,9 +169,12 @@ class Runtime:
             dist.barrier()
 
     def all_reduce(self, t, op="sum", group=None):
+        """In place on a CPU tensor (through the device for NCCL)."""
         if self.world > 1:
             import torch.distributed as dist
-            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+            x = t.to(self.device)
+            dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+            t.copy_(x.cpu())
         return t
 
     def gather_objects(self, obj) -> list:
@@ -355,6 +359,7 @@ class Trainer:
         self.glm = GLM(mcfg).init_weights(c.seed)
         self.glm.embedding_grad_shrink = c.embedding_grad_shrink
         self.glm.activation_checkpointing = c.activation_checkpointing
+        self.glm.use_fast_attention(not c.exact_attention)  # same values, fused kernels (SelfAttention._sdpa)
         if c.init_from is not None:
             from glmctl.checkpoint import read_state_dict
             self.glm.load_state_dict(read_state_dict(c.init_from, tp.tp_size(), tp.tp_rank())[1])
@@ -510,7 +515,7 @@ class Trainer:
         self.step += 1
         self.consumed += gb
         return {"loss": float(loss_sum) / float(count), "lr": lr, "grad_norm": norm, "loss_scale": scale,
-                "skipped": not ok, "batch_size": gb}
+                "skipped": not ok, "batch_size": gb, "scored_tokens": int(count)}
 
     def evaluate(self) -> float:
         """Mean loss per scored token on the held-out [gMASK] sequences (all ranks together)."""
@@ -777,7 +782,7 @@ def _loop(tr: Trainer, resolved: dict, t0: float) -> dict:
     eval_every = c.eval_interval or save_every
     metrics = tr.run_dir / "metrics.jsonl"
     tr.t_start = time.monotonic()
-    window = {"loss": [], "time": 0.0, "tokens": 0}
+    window = {"loss": [], "time": 0.0, "tokens": 0, "scored": 0}
     last = {}
     train_time, train_tokens = 0.0, 0
 
@@ -802,16 +807,17 @@ def _loop(tr: Trainer, resolved: dict, t0: float) -> dict:
             train_tokens += m["batch_size"] * tr.seq_len
             window["time"] += dt
             window["tokens"] += m["batch_size"] * tr.seq_len
+            window["scored"] += m["scored_tokens"]
             if math.isfinite(m["loss"]):
                 window["loss"].append(m["loss"])
             if tr.step % c.log_interval == 0 or tr.step == tr.total_steps:
                 loss = sum(window["loss"]) / len(window["loss"]) if window["loss"] else float("nan")
                 last = {"step": tr.step, "samples": tr.consumed, "tokens": tr.consumed * tr.seq_len, "loss": loss,
                         "lr": m["lr"], "grad_norm": m["grad_norm"], "loss_scale": m["loss_scale"],
-                        "skipped_steps": tr.skipped, "batch_size": m["batch_size"],
+                        "skipped_steps": tr.skipped, "batch_size": m["batch_size"], "scored_tokens": window["scored"],
                         "tokens_per_s": round(window["tokens"] / window["time"], 1), "elapsed_s": round(tr.elapsed(), 2)}
                 record(last)
-                window = {"loss": [], "time": 0.0, "tokens": 0}
+                window = {"loss": [], "time": 0.0, "tokens": 0, "scored": 0}
             bar.update(1, loss=m["loss"], lr=m["lr"], gnorm=m["grad_norm"], scale=m["loss_scale"],
                        tok_s=round(m["batch_size"] * tr.seq_len / dt))
             done = tr.step == tr.total_steps

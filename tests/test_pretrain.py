@@ -307,3 +307,46 @@ def test_help_names_the_options_and_exit_code_4():
                 "--embedding-grad-shrink", "--instruction-data", "--valid-data"):
         assert opt in r.stdout
     assert "4: stopped by SIGTERM" in " ".join(r.stdout.split())
+
+
+# ---- the fused attention path used for training ---------------------------------------------
+def test_fast_attention_equals_the_explicit_math():
+    """GLM.use_fast_attention (SDPA with an additive mask) against the spec's explicit fp32-softmax
+    path: a packed [MASK] batch with padding rows (forward and every gradient), and KV-cached
+    generation steps."""
+    from glmctl import objective as obj
+    from glmctl.config import get_preset
+    from glmctl.model import GLM
+    cfg = get_preset("tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)
+    ids = obj.SpecialIds.from_dict(cfg.special_token_ids())
+    ocfg = obj.ObjectiveConfig(seq_len=96, samples_per_sequence=3)
+    rng = np.random.default_rng(0)
+    instr = [([16] * 20, [17] * 8)]  # 30 tokens each: 3 fit, 6 padding tokens
+    seqs = [obj.build_sequence(rng.integers(10, 400, 96), obj.sample_rng(0, i), ocfg, ids, instr, kind=k)
+            for i, k in enumerate([obj.MASK, obj.GMASK, obj.MIP])]
+    b = obj.collate(seqs)
+    assert b["attention_mask"].all(-1).any()  # padding rows see nothing: the special case is exercised
+    outs, grads = [], []
+    for fast in (False, True):
+        m = GLM(cfg).init_weights(5).use_fast_attention(fast)
+        logits = m(b["tokens"], b["positions"], b["attention_mask"])
+        (logits.float().pow(2).mean()).backward()
+        outs.append(logits.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-3, atol=1e-6)
+    # generation: prefill then one cached step, s != t
+    from glmctl.model.masks import prefix_lm_mask
+    m = GLM(cfg).init_weights(5).eval()
+    toks, pos = torch.tensor([[11, 12, 13, ids.gmask, ids.sop]]), torch.arange(5)[None]
+    res = []
+    for fast in (False, True):
+        m.use_fast_attention(fast)
+        cache = m.new_kv_cache()
+        with torch.no_grad():
+            a = m(toks, pos, prefix_lm_mask(5, 4), kv_cache=cache)
+            step = m(torch.tensor([[20]]), torch.tensor([[5]]), prefix_lm_mask(6, 4)[:, :, -1:], kv_cache=cache)
+        res.append((a, step))
+    for x, y in zip(*res):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)

@@ -84,6 +84,7 @@ class SelfAttention(nn.Module):
                                                        device=device, dtype=dtype)
         self.dense = tp.RowParallelLinear(cfg.hidden_size, cfg.hidden_size, quant=q, device=device, dtype=dtype)
         self.attention_dropout = nn.Dropout(cfg.attention_dropout)
+        self.fast = False  # GLM.use_fast_attention(): the fused-kernel twin of the math below
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         b, s, _ = x.shape
@@ -95,6 +96,8 @@ class SelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, n, s, d]
         if cache is not None:
             k, v = cache.append(self.layer_id, k, v)  # [b, n, t, d]
+        if self.fast:
+            return self.dense(self._sdpa(q, k, v, mask).transpose(1, 2).reshape(b, s, n * d))
         # query_key_layer_scaling: divide by sqrt(d)*c in the model dtype, multiply c back in fp32.
         c = float(self.layer_id + 1)
         scores = torch.matmul(q / (math.sqrt(d) * c), k.transpose(-1, -2))  # [b, n, s, t]
@@ -104,6 +107,19 @@ class SelfAttention(nn.Module):
         probs = self.attention_dropout(probs)
         ctx = torch.matmul(probs, v).transpose(1, 2).reshape(b, s, n * d)  # head-major context
         return self.dense(ctx)
+
+    def _sdpa(self, q, k, v, mask):
+        """The same attention through F.scaled_dot_product_attention (fused CPU/GPU kernels).
+
+        Blocked keys get an additive -10000: their weight underflows to exactly 0, as with the
+        masked_fill above. A row whose keys are all blocked (padding) gets q = 0 and no bias: the
+        uniform average the explicit path gives it, with the same gradients. query_key_layer_
+        scaling is left out: it is the identity in exact arithmetic and the kernels accumulate
+        in fp32. Equal to the explicit path within float tolerance (tests/test_pretrain.py)."""
+        full = mask.all(dim=-1, keepdim=True)
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask & ~full, -10000.0)
+        p = self.attention_dropout.p if self.training else 0.0
+        return F.scaled_dot_product_attention(q.masked_fill(full, 0.0), k, v, attn_mask=bias, dropout_p=p)
 
 
 class GeGLU(nn.Module):
@@ -165,6 +181,12 @@ class GLM(nn.Module):
         self.embedding_grad_shrink = 1.0
         # Gradient checkpointing of each layer (pretraining large models).
         self.activation_checkpointing = False
+
+    def use_fast_attention(self, enabled: bool = True) -> "GLM":
+        """Switch every layer to F.scaled_dot_product_attention (SelfAttention._sdpa) or back."""
+        for layer in self.transformer.layers:
+            layer.attention.fast = enabled
+        return self
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)
