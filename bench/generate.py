@@ -11,18 +11,24 @@ Random weights (``init_weights``); no end tokens, so every run generates exactly
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
 
-import torch
+# `python bench/generate.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow
+# the standard library's tokenize module (torch imports it)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-from glmctl.config import get_preset
-from glmctl.generation import DecodeRequest, GenerationConfig, decode_batch, span_request
-from glmctl.model import GLM
-from glmctl.model.masks import prefix_lm_mask, prepare_prompt
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from glmctl.config import get_preset  # noqa: E402
+from glmctl.generation import DecodeRequest, GenerationConfig, decode_batch, span_request  # noqa: E402
+from glmctl.model import GLM  # noqa: E402
+from glmctl.model.masks import prefix_lm_mask, prepare_prompt  # noqa: E402
 
 
 def build(preset: str, bits: int | None = None, seed: int = 0):
