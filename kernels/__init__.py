@@ -95,7 +95,7 @@ def _warn_fallback(backend: str, info: dict) -> None:
     _warned = True
     warnings.warn(f"glmctl.kernels: the compiled {backend.upper()} kernel is unavailable ({info['error']}); "
                   f"using the slower torch reference (rebuild with `pip install --no-build-isolation -e .`; "
-                  f"`glmctl kernels` shows the status)", RuntimeWarning, stacklevel=3)
+                  f"`glmctl kernels` shows the status)", RuntimeWarning, stacklevel=4)
 
 
 def _constant(fn):
@@ -121,7 +121,11 @@ def _cuda_device_ok(index: int) -> bool:
         index = torch.cuda.current_device()
     cache = _loaded["cuda"].setdefault("device_ok", {})
     if index not in cache:
-        cache[index] = _arch_supported(torch.cuda.get_device_capability(index), _cuda_archs())
+        cap = torch.cuda.get_device_capability(index)
+        cache[index] = ok = _arch_supported(cap, _cuda_archs())
+        if not ok:
+            _warn_fallback("cuda", {"error": f"not compiled for sm_{cap[0]}{cap[1]} (device {index}); rebuild with "
+                                             f"TORCH_CUDA_ARCH_LIST={cap[0]}.{cap[1]}"})
     return cache[index]
 
 

@@ -366,14 +366,78 @@ __global__ void __launch_bounds__(256) wo_simt_kernel(glmctl_qargs a, int64_t gs
 
 // ---- dequantize (large-m path) ----------------------------------------------------------------
 template <typename T>
+struct Vec8;  // 8 elements of T, stored with 16-byte (32-byte for float) accesses
+template <>
+struct Vec8<__half> {
+  __device__ static void store(__half* p, const float (&v)[8]) {
+    __half2 h[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<uint4*>(h);
+  }
+};
+template <>
+struct Vec8<__nv_bfloat16> {
+  __device__ static void store(__nv_bfloat16* p, const float (&v)[8]) {
+    __nv_bfloat162 h[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<uint4*>(h);
+  }
+};
+template <>
+struct Vec8<float> {
+  __device__ static void store(float* p, const float (&v)[8]) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+};
+
+// One block per weight row (grid-stride).  vec: 8 columns per thread with one scale, 32-bit
+// (INT4) / 64-bit (INT8) loads and 16-byte stores (host checked k, G, ldw and alignment).
+template <typename T>
 __global__ void __launch_bounds__(256) dequant_kernel(const int8_t* qw, const void* scale, int stype, int64_t k,
                                                       int64_t ngroups, int bits, int64_t row0, int64_t rows,
-                                                      T* w_hi, T* w_lo, int64_t ldw) {
+                                                      T* w_hi, T* w_lo, int64_t ldw, bool vec) {
   const int64_t gsize = k / ngroups;
   const int64_t row_bytes = bits == 4 ? k / 2 : k;
   for (int64_t rr = blockIdx.x; rr < rows; rr += gridDim.x) {
     const int64_t r = row0 + rr;
     const int8_t* q = qw + r * row_bytes;
+    if (vec) {
+      const int g32 = static_cast<int>(gsize);
+      for (int c = threadIdx.x * 8; c < k; c += blockDim.x * 8) {
+        const float sc = ldf(scale, r * ngroups + c / g32, stype);
+        float v[8];
+        if (bits == 4) {
+          const uint32_t w = *reinterpret_cast<const uint32_t*>(q + c / 2);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int b = (w >> (8 * i)) & 0xFF;
+            v[2 * i] = static_cast<float>((((b >> 4) & 0xF) ^ 8) - 8) * sc;
+            v[2 * i + 1] = static_cast<float>(((b & 0xF) ^ 8) - 8) * sc;
+          }
+        } else {
+          const uint2 w = *reinterpret_cast<const uint2*>(q + c);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            v[i] = static_cast<float>(static_cast<int8_t>((w.x >> (8 * i)) & 0xFF)) * sc;
+            v[4 + i] = static_cast<float>(static_cast<int8_t>((w.y >> (8 * i)) & 0xFF)) * sc;
+          }
+        }
+        float hi[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) hi[i] = to_f<T>(from_f<T>(v[i]));
+        Vec8<T>::store(w_hi + rr * ldw + c, hi);
+        if (w_lo) {
+          float lo[8];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) lo[i] = v[i] - hi[i];
+          Vec8<T>::store(w_lo + rr * ldw + c, lo);
+        }
+      }
+      continue;
+    }
     for (int64_t c = threadIdx.x; c < k; c += blockDim.x) {
       int v;
       if (bits == 4) {
@@ -475,19 +539,23 @@ extern "C" cudaError_t glmctl_launch_mma(const glmctl_qargs* a, int rt, int ks, 
   const int64_t mblocks = (a->m + 8 * nt - 1) / (8 * nt);
   if (mblocks > 0x7fffffff) return cudaErrorInvalidValue;
   const int64_t tiles = (a->n + 15) / 16;
+  const int64_t sms = num_sms();
+  // k-slices per block depend on the weight shape only (never on m), so every token row is
+  // summed in the same order whatever the batch: results do not depend on batch composition.
+  if (ks <= 0) ks = tiles < 4 * sms ? kMaxWarps : kMaxWarps / 2;
+  if (ks > p.ntiles) ks = static_cast<int>(p.ntiles);
+  if (ks < 1) ks = 1;
+  if (ks > kMaxWarps) ks = kMaxWarps;
   if (rt <= 0) {
     // More row tiles per block share x through L1 when there are several token tiles, as long
     // as the grid still has two blocks per SM.
-    const int64_t want = 2 * static_cast<int64_t>(num_sms());
+    const int64_t want = 2 * sms;
     rt = 1;
     if (nt >= 2 && mblocks * ((tiles + 1) / 2) >= want) rt = 2;
     if (nt >= 4 && mblocks * ((tiles + 3) / 4) >= want) rt = 4;
   }
-  rt = rt > kMaxWarps ? kMaxWarps : rt;
-  if (ks <= 0) ks = kMaxWarps / rt;
-  if (ks > p.ntiles) ks = static_cast<int>(p.ntiles);
-  if (ks < 1) ks = 1;
-  if (rt * ks > kMaxWarps) ks = kMaxWarps / rt;
+  while (rt > 1 && rt * ks > kMaxWarps) rt /= 2;
+  if (rt * ks > kMaxWarps) rt = 1;
   p.rt = rt;
   p.ks = ks;
   const int64_t rblocks = (tiles + rt - 1) / rt;
@@ -522,19 +590,26 @@ extern "C" cudaError_t glmctl_launch_dequant(const int8_t* qw, const void* scale
   if (rows <= 0 || k <= 0) return cudaSuccess;
   if (row0 < 0 || row0 + rows > n) return cudaErrorInvalidValue;
   const int blocks = static_cast<int>(rows < 65535 * 8 ? rows : 65535 * 8);
+  const int64_t gsize = k / ngroups;
+  const int esize = wtype == GLMCTL_F32 ? 4 : 2;
+  const uintptr_t align = 16;
+  const bool vec = k % 8 == 0 && gsize % 8 == 0 && ldw % 8 == 0 && k < (int64_t(1) << 30) &&
+                   reinterpret_cast<uintptr_t>(qw) % 8 == 0 && reinterpret_cast<uintptr_t>(w_hi) % align == 0 &&
+                   (w_lo == nullptr || reinterpret_cast<uintptr_t>(w_lo) % align == 0) && (ldw * esize) % 16 == 0;
   switch (wtype) {
     case GLMCTL_F16:
       dequant_kernel<__half><<<blocks, 256, 0, stream>>>(qw, scale, stype, k, ngroups, bits, row0, rows,
-                                                         static_cast<__half*>(w_hi), static_cast<__half*>(w_lo), ldw);
+                                                         static_cast<__half*>(w_hi), static_cast<__half*>(w_lo), ldw,
+                                                         vec);
       break;
     case GLMCTL_BF16:
       dequant_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(qw, scale, stype, k, ngroups, bits, row0, rows,
                                                                 static_cast<__nv_bfloat16*>(w_hi),
-                                                                static_cast<__nv_bfloat16*>(w_lo), ldw);
+                                                                static_cast<__nv_bfloat16*>(w_lo), ldw, vec);
       break;
     case GLMCTL_F32:
       dequant_kernel<float><<<blocks, 256, 0, stream>>>(qw, scale, stype, k, ngroups, bits, row0, rows,
-                                                        static_cast<float*>(w_hi), static_cast<float*>(w_lo), ldw);
+                                                        static_cast<float*>(w_hi), static_cast<float*>(w_lo), ldw, vec);
       break;
     default: return cudaErrorInvalidValue;
   }
