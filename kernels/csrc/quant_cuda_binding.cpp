@@ -155,7 +155,10 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   return out.reshape(out_shape);
 }
 
-std::string cuda_build_info() { return glmctl_cuda_build_info(); }
+std::string cuda_build_info() {
+  return std::string(glmctl_cuda_build_info()) + " fused_max_m=" + std::to_string(kFusedMaxMHalf) + "/" +
+         std::to_string(kFusedMaxMBf16) + "(fp16/bf16)";
+}
 
 void cuda_tune(int64_t rt, int64_t ks) {
   g_rt.store(static_cast<int>(rt));
