@@ -284,6 +284,17 @@ def test_cuda_extension_built():
         assert K._arch_supported(torch.cuda.get_device_capability(), archs)
 
 
+def test_cuda_arch_flags_from_arch_list(monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", ""))  # build.py may default it; undo after
+    from glmctl.kernels.build import cuda_arch_flags
+    flags, cubins = cuda_arch_flags("8.0;8.6;8.9;9.0")
+    assert cubins == [80, 86, 89, 90]
+    assert flags == ["-gencode=arch=compute_80,code=[sm_80,sm_86,sm_89]", "-gencode=arch=compute_90,code=[sm_90]"]
+    flags, cubins = cuda_arch_flags("8.9 9.0+PTX")
+    assert cubins == [89, 90] and flags[-1] == "-gencode=arch=compute_90,code=[sm_90,compute_90]"
+    assert cuda_arch_flags("9.0a")[0] == ["-gencode=arch=compute_90a,code=[sm_90a]"]
+
+
 def test_arch_compatibility_rule():
     assert K._arch_supported((8, 6), [80, 90]) and K._arch_supported((9, 0), [80, 90])
     assert not K._arch_supported((8, 0), [86, 90]) and not K._arch_supported((10, 0), [80, 90])
