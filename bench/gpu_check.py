@@ -5,8 +5,9 @@
 Steps (everything printed as tables and written to <out>/gpu_check.json; <out> is --out, else
 $OUT, else bench/out):
   1. build   the extension against this machine's torch, for this GPU's arch only
-             (`pip install --no-build-isolation --no-deps -e .`, or torch.utils.cpp_extension.load
-             with --build jit), then re-run itself in a fresh process so the build is imported;
+             (`pip install --no-build-isolation --no-deps -e .`, falling back to `setup.py
+             build_ext --inplace` and torch.utils.cpp_extension.load), then re-run itself in a
+             fresh process so the build is imported;
   2. verify  every CUDA path (tensor-core, dequantize + cuBLAS, CUDA-core, automatic) against the
              fp32 reference on fresh random inputs: fp16/bf16 x INT4/INT8 x per-row/group 32/64/128
              scales, ragged m = 1..257, n and k not multiples of the tiles, with and without bias,
@@ -57,34 +58,37 @@ def log(msg: str) -> None:
 
 # ---- 1. build ------------------------------------------------------------------------------------
 def build(mode: str) -> None:
+    """Build for this GPU's arch only: pip editable install, else setup.py build_ext --inplace,
+    else torch.utils.cpp_extension.load (each needs less of the environment than the one before)."""
     import torch
     cap = torch.cuda.get_device_capability()
     env = dict(os.environ)
-    env.setdefault("TORCH_CUDA_ARCH_LIST", f"{cap[0]}.{cap[1]}")
+    env["TORCH_CUDA_ARCH_LIST"] = os.environ.get("GLMCTL_GPU_CHECK_ARCHS", f"{cap[0]}.{cap[1]}")
     env.setdefault("MAX_JOBS", str(min(16, os.cpu_count() or 4)))
-    if not env.get("CUDA_HOME"):
+    if not env.get("CUDA_HOME") or not Path(env["CUDA_HOME"], "bin", "nvcc").exists():
         for cand in ("/usr/local/cuda", "/usr/local/cuda-13.0", "/usr/local/cuda-12"):
             if Path(cand, "bin", "nvcc").exists():
                 env["CUDA_HOME"] = cand
                 break
     env["GLMCTL_STRICT_BUILD"] = "1"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")  # setup.py imports kernels.build
+    log(f"build: TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']} CUDA_HOME={env.get('CUDA_HOME')}")
     t0 = time.time()
-    if mode == "pip":
-        cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(REPO)]
-        log(f"build: {' '.join(cmd)} (TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']})")
-        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            log(r.stdout[-4000:] + r.stderr[-8000:])
-            log("build: pip failed; trying the JIT build")
-            mode = "jit"
-    if mode == "jit":
-        code = ("import sys; sys.path.insert(0, %r); from bench.gpu_check import jit_build; jit_build()" % str(REPO))
-        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            log(r.stdout[-4000:] + r.stderr[-8000:])
-            raise SystemExit("build: the CUDA extension failed to build")
-    log(f"build: done in {time.time() - t0:.0f}s")
+    steps = {"pip": [[sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(REPO)]],
+             "inplace": [[sys.executable, "setup.py", "build_ext", "--inplace"]],
+             "jit": [[sys.executable, "-c", "import sys; sys.path.insert(0, %r); "
+                      "from bench.gpu_check import jit_build; jit_build()" % str(REPO)]]}
+    order = {"pip": ["pip", "inplace", "jit"], "inplace": ["inplace", "jit"], "jit": ["jit"]}[mode]
+    for name in order:
+        for cmd in steps[name]:
+            log(f"build ({name}): {' '.join(cmd)[:200]}")
+            r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+            if r.returncode == 0:
+                log(f"build: done in {time.time() - t0:.0f}s")
+                return
+            log(r.stdout[-3000:] + r.stderr[-6000:])
+            log(f"build ({name}) failed")
+    raise SystemExit("build: the CUDA extension failed to build")
 
 
 def jit_build() -> None:
@@ -437,8 +441,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else bench/out)")
-    ap.add_argument("--build", choices=["pip", "jit", "none"], default="pip",
-                    help="how to build the extension first (default pip: editable install)")
+    ap.add_argument("--build", choices=["pip", "inplace", "jit", "none"], default="pip",
+                    help="how to build the extension first (default pip: editable install; falls back to "
+                         "setup.py build_ext --inplace, then to a JIT build); none: use what is built")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and batch sizes")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--skip", default="", help="comma list of steps to skip: verify,bench,decode")

@@ -229,7 +229,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wo_mma_kernel(const MmaParams 
         if (byte_off >= p.row_bytes) break;  // uniform across the warp
         const uint32_t wg = a4[2 * h], wg8 = a4[2 * h + 1];  // rows g and g+8
         float part[NT][4];
-        float(&dst)[NT][4] = GROUPED ? part : acc;  // compile-time choice
         if (GROUPED) {
 #pragma unroll
           for (int j = 0; j < NT; ++j)
@@ -237,29 +236,35 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wo_mma_kernel(const MmaParams 
             for (int e = 0; e < 4; ++e) part[j][e] = 0.f;
         }
         int64_t col0;
-        if (BITS == 4) {
-          col0 = byte_off * 2;  // chunk = 32 columns; this lane has columns col0 + 8t .. +7
-          const uint32_t a_s0[4] = {int4pair<T>(wg, 4), int4pair<T>(wg8, 4), int4pair<T>(wg, 0), int4pair<T>(wg8, 0)};
-          const uint32_t a_s1[4] = {int4pair<T>(wg, 12), int4pair<T>(wg8, 12), int4pair<T>(wg, 8),
-                                    int4pair<T>(wg8, 8)};
+        // Accumulate this chunk into part (group scales follow) or straight into acc (row scales).
+        auto chunk = [&](float(&dst)[NT][4]) {
+          if (BITS == 4) {
+            col0 = byte_off * 2;  // chunk = 32 columns; this lane has columns col0 + 8t .. +7
+            const uint32_t a_s0[4] = {int4pair<T>(wg, 4), int4pair<T>(wg8, 4), int4pair<T>(wg, 0),
+                                      int4pair<T>(wg8, 0)};
+            const uint32_t a_s1[4] = {int4pair<T>(wg, 12), int4pair<T>(wg8, 12), int4pair<T>(wg, 8),
+                                      int4pair<T>(wg8, 8)};
 #pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + xrow[j] + col0 + 8 * t));
-            // k-step 0 pairs columns (0,4) and (1,5); k-step 1 pairs (2,6) and (3,7).
-            mma16816<T>(dst[j], a_s0, __byte_perm(xv.x, xv.z, 0x5410), __byte_perm(xv.x, xv.z, 0x7632));
-            mma16816<T>(dst[j], a_s1, __byte_perm(xv.y, xv.w, 0x5410), __byte_perm(xv.y, xv.w, 0x7632));
-          }
-        } else {
-          col0 = byte_off;  // chunk = 16 columns; this lane has columns col0 + 4t .. +3
-          const uint32_t a_s[4] = {int8pair<T>(wg, 0x4240), int8pair<T>(wg8, 0x4240), int8pair<T>(wg, 0x4341),
-                                   int8pair<T>(wg8, 0x4341)};
+            for (int j = 0; j < NT; ++j) {
+              const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + xrow[j] + col0 + 8 * t));
+              // k-step 0 pairs columns (0,4) and (1,5); k-step 1 pairs (2,6) and (3,7).
+              mma16816<T>(dst[j], a_s0, __byte_perm(xv.x, xv.z, 0x5410), __byte_perm(xv.x, xv.z, 0x7632));
+              mma16816<T>(dst[j], a_s1, __byte_perm(xv.y, xv.w, 0x5410), __byte_perm(xv.y, xv.w, 0x7632));
+            }
+          } else {
+            col0 = byte_off;  // chunk = 16 columns; this lane has columns col0 + 4t .. +3
+            const uint32_t a_s[4] = {int8pair<T>(wg, 0x4240), int8pair<T>(wg8, 0x4240), int8pair<T>(wg, 0x4341),
+                                     int8pair<T>(wg8, 0x4341)};
 #pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            const uint2 xv = __ldg(reinterpret_cast<const uint2*>(x + xrow[j] + col0 + 4 * t));
-            // pairs columns (0,2) and (1,3)
-            mma16816<T>(dst[j], a_s, __byte_perm(xv.x, xv.y, 0x5410), __byte_perm(xv.x, xv.y, 0x7632));
+            for (int j = 0; j < NT; ++j) {
+              const uint2 xv = __ldg(reinterpret_cast<const uint2*>(x + xrow[j] + col0 + 4 * t));
+              // pairs columns (0,2) and (1,3)
+              mma16816<T>(dst[j], a_s, __byte_perm(xv.x, xv.y, 0x5410), __byte_perm(xv.x, xv.y, 0x7632));
+            }
           }
-        }
+        };
+        if (GROUPED) chunk(part);
+        else chunk(acc);
         if (GROUPED) {
           const int64_t grp = __umulhi(static_cast<uint32_t>(col0), p.group_magic);
           const float s0 = ldf(p.scale, sr0 * p.ngroups + grp, p.stype);
