@@ -3,8 +3,13 @@
 The kernel extensions are optional at install time (see kernels/build.py): glmctl runs on the
 pure-torch reference when they are missing, and `glmctl kernels` says which implementation serves.
 """
+import os
+import sys
+
 from setuptools import setup
 
+# pip's build backend does not put the project root on sys.path; kernels/build.py lives there.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
     from kernels.build import extension_modules, build_ext_class
 except Exception:  # noqa: BLE001 - no torch in the build env: install without compiled kernels
