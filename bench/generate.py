@@ -8,6 +8,8 @@
 3. INT4 (glmctl.kernels, per-row RTN scales) vs fp32 decode, for ``small`` and ``glm-110m``
 
 Random weights (``init_weights``); no end tokens, so every run generates exactly N tokens.
+One CPU thread by default (``--threads``), so other processes on the machine disturb the ratios
+as little as possible.
 """
 from __future__ import annotations
 
@@ -93,7 +95,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small preset only, 32 new tokens")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 128)")
     ap.add_argument("--context", type=int, default=64, help="prompt tokens")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch (and kernel) CPU threads; 0 = torch's default. Default 1: on a shared "
+                         "machine, OpenMP threads waiting on each other dominate multi-threaded timings")
     ap.add_argument("--presets", default=None, help="comma-separated presets for the INT4 comparison")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON document")
     a = ap.parse_args(argv)
