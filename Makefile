@@ -71,8 +71,8 @@ clean-venv:
 # Each stage's settings live in the variables below, in one place.
 DEMO ?= demo
 VOCAB_SIZE      ?= 8000
-PRETRAIN_FLAGS  ?= --preset small --seq-len 256 --micro-batch-size 8 --global-batch-size 32 \
-                   --steps 200 --lr 2e-3 --warmup 0.05 --eval-interval 40 --save-interval 100 --seed 1234
+PRETRAIN_FLAGS  ?= --preset small --seq-len 256 --micro-batch-size 16 --global-batch-size 16 \
+                   --steps 300 --dropout 0 --eval-interval 50 --save-interval 100 --seed 1234
 INT8_FLAGS      ?= --bits 8 --max-ppl-increase 0.5
 INT4_FLAGS      ?= --bits 4 --group-size 128 --method gptq --compare rtn:row,rtn:g128 --max-ppl-increase 10
 EVAL_TASKS      ?= cloze_en cloze_zh mc_en mc_zh ppl_en ppl_zh
