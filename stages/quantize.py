@@ -56,7 +56,7 @@ class QuantizeConfig:
     batch_size: int = 8
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True  # measured: about half the KL of plain GPTQ at the same format (docs)
     dtype: str = "fp32"  # compute dtype for calibration and evaluation
     device: str | None = None  # default: cuda when available, else cpu
 

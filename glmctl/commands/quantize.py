@@ -50,8 +50,8 @@ def quantize_cmd(
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal."),
     block_size: int = typer.Option(128, "--block-size", help="GPTQ lazy-update block (columns)."),
-    act_order: bool = typer.Option(False, "--act-order/--no-act-order",
-                                   help="GPTQ: visit columns by decreasing Hessian diagonal (static group scales)."),
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order",
+                                   help="GPTQ: visit columns by decreasing Hessian diagonal, group scales fixed up front [default: on]."),
     dtype: str = typer.Option("fp32", "--dtype", help="Compute dtype for calibration and evaluation."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     if_stale: bool = typer.Option(False, "--if-stale", help="Do nothing when OUT was made from the same inputs "
