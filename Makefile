@@ -73,8 +73,9 @@ DEMO ?= demo
 VOCAB_SIZE      ?= 8000
 PRETRAIN_FLAGS  ?= --preset small --seq-len 256 --micro-batch-size 16 --global-batch-size 16 \
                    --steps 300 --dropout 0 --eval-interval 50 --save-interval 100 --seed 1234
-INT8_FLAGS      ?= --bits 8 --max-ppl-increase 0.5
-INT4_FLAGS      ?= --bits 4 --group-size 128 --method gptq --compare rtn:row,rtn:g128 --max-ppl-increase 10
+INT8_FLAGS      ?= --bits 8 --seq-len 256 --max-ppl-increase 0.5
+INT4_FLAGS      ?= --bits 4 --group-size 128 --method gptq --seq-len 256 --compare rtn:row,rtn:g128,gptq:row \
+                   --max-ppl-increase 10
 EVAL_TASKS      ?= cloze_en cloze_zh mc_en mc_zh ppl_en ppl_zh
 GEN_FLAGS       ?= --max-new-tokens 32 --no-stream --strategy beam --num-beams 4 --no-repeat-ngram-size 3
 DEMO_PROMPTS    := "The Python interpreter" "中国人民" "The function returns [MASK] when the list is [MASK]."
