@@ -128,14 +128,10 @@ def grad_norm(named_params, tp_group=None, tp_size: int = 1, tp_rank: int = 0):
     import torch
     import torch.distributed as dist
     from glmctl.tp_layout import REPLICATED, classify
-    sq = None
-    for name, p in named_params:
-        if p.grad is None or (tp_size > 1 and tp_rank != 0 and classify(name) == REPLICATED):
-            continue
-        s = p.grad.detach().float().pow(2).sum()
-        sq = s if sq is None else sq + s
-    if sq is None:
-        sq = torch.zeros(())
+    grads = [p.grad for name, p in named_params
+             if p.grad is not None and not (tp_size > 1 and tp_rank != 0 and classify(name) == REPLICATED)]
+    norms = torch._foreach_norm(grads) if grads else []  # one fused pass instead of one per tensor
+    sq = torch.stack([n.float() for n in norms]).pow(2).sum() if grads else torch.zeros(())
     if tp_size > 1:
         dist.all_reduce(sq, group=tp_group)
     return sq.sqrt()
@@ -325,11 +321,6 @@ class TrainData:
 
     def valid_chunk(self, k: int) -> np.ndarray:
         return self.valid_windows[self.valid_index[k]].astype(np.int64)
-
-    def max_token_id(self) -> int:
-        """The largest id anywhere in the training and held-out data (one pass over the shards)."""
-        shards = list(self.dataset.shards) + ([] if self.valid_dataset is self.dataset else list(self.valid_dataset.shards))
-        return max((int(s.tokens().max()) for s in shards if s.num_tokens), default=-1)
 
     def unigram_counts(self, vocab_size: int) -> np.ndarray:
         """Token frequencies of the training windows (storage order, up to UNIGRAM_MAX_TOKENS)."""

@@ -62,6 +62,7 @@ class PretrainConfig:
     tensor_parallel: int = 1
     activation_checkpointing: bool = False
     exact_attention: bool = False  # the explicit fp32-softmax math instead of the fused kernel
+    compile: bool = False  # torch.compile the network for training steps (not under DeepSpeed)
     batch_size_rampup: str | None = None  # "START,INCREMENT,SAMPLES"
     save_interval: int | None = None  # default: a tenth of the run
     keep: int = 2
@@ -272,17 +273,20 @@ def resolve_model_config(c: PretrainConfig, tok):
                        max_sequence_length=max(cfg.max_sequence_length, seq_len)), seq_len
 
 
-def check_data_vocab(data, tok, vocab_size: int, where: str) -> None:
-    meta = data.dataset.meta
-    if tok is not None and meta.get("vocab_size") not in (None, tok.vocab_size):
-        raise InputError(f"{where} was tokenized with a {meta['vocab_size']}-id vocabulary, but the tokenizer "
-                         f"{tok.source} has {tok.vocab_size} ids (pass the tokenizer the data was made with)")
-    if meta.get("vocab_size") is not None and meta["vocab_size"] <= vocab_size:
-        return  # every id is below the vocabulary the shards were written with
-    top = data.max_token_id()
-    if top >= vocab_size:
-        raise InputError(f"{where}: token id {top} is outside the model's vocabulary of {vocab_size} ids "
-                         f"(tokenizer / model mismatch)")
+def check_data_vocab(data, tok, vocab_size: int, c: PretrainConfig) -> None:
+    """Every token id of the training and held-out data must be below the model's vocabulary."""
+    sets = [(c.data, data.dataset)] + ([(c.valid_data, data.valid_dataset)] if c.valid_data else [])
+    for where, ds in sets:
+        made_with = ds.meta.get("vocab_size")
+        if tok is not None and made_with not in (None, tok.vocab_size):
+            raise InputError(f"{where} was tokenized with a {made_with}-id vocabulary, but the tokenizer "
+                             f"{tok.source} has {tok.vocab_size} ids (pass the tokenizer the data was made with)")
+        if made_with is not None and made_with <= vocab_size:
+            continue  # every id is below the vocabulary the shards were written with
+        top = max((int(s.tokens().max()) for s in ds.shards if s.num_tokens), default=-1)
+        if top >= vocab_size:
+            raise InputError(f"{where}: token id {top} is outside the model's vocabulary of {vocab_size} ids "
+                             f"(tokenizer / model mismatch)")
 
 
 def load_instructions(path: str, tok) -> list[tuple[list[int], list[int]]]:
@@ -312,7 +316,8 @@ def load_instructions(path: str, tok) -> list[tuple[list[int], list[int]]]:
 # ---- the network with its loss ----------------------------------------------------------------
 def objective_module(glm):
     """GLM + cross-entropy summed over the scored (Part B) tokens; the logits are computed for
-    those tokens only. One module so that DDP / DeepSpeed wrap forward and loss together."""
+    those tokens only. One module so that DDP / DeepSpeed wrap forward and loss together.
+    ``compiled`` (a torch.compile of the GLM, static shapes) serves the training forward only."""
     import torch.nn.functional as F
     from torch import nn
     from glmctl.model import parallel as tp
@@ -321,9 +326,11 @@ def objective_module(glm):
         def __init__(self):
             super().__init__()
             self.glm = glm
+            self.compiled = []  # a list: a compiled module stored as an attribute would be a submodule
 
         def forward(self, tokens, positions, attention_mask, targets, loss_mask):
-            h = self.glm(tokens, positions, attention_mask, return_hidden=True)[loss_mask]
+            body = self.compiled[0] if self.compiled and self.training else self.glm
+            h = body(tokens, positions, attention_mask, return_hidden=True)[loss_mask]
             logits = tp.gather_last_dim(F.linear(tp.copy_to_tp(h), self.glm.transformer.word_embeddings.weight))
             return F.cross_entropy(logits.float(), targets[loss_mask], reduction="sum")
 
@@ -365,6 +372,8 @@ class Trainer:
             self.glm.load_state_dict(read_state_dict(c.init_from, tp.tp_size(), tp.tp_rank())[1])
         self.glm.to(rt.device)
         self.module = objective_module(self.glm)
+        if c.compile and not rt.deepspeed:  # fuses RoPE, DeepNorm, GeGLU...; compiles at the first step
+            self.module.compiled.append(torch.compile(self.glm))
         torch.manual_seed(c.seed * 1000 + rt.dp_rank)  # dropout: same in a TP group, different across DP
         # schedule, counted in samples (spec §5.2)
         self.final_batch = c.global_batch_size or c.micro_batch_size * rt.dp
@@ -451,7 +460,8 @@ class Trainer:
         import torch
         if self.rt.deepspeed or self.c.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.rt.device.type, dtype=torch.bfloat16 if self.c.precision == "bf16" else torch.float16)
+        half = torch.bfloat16 if self.c.precision == "bf16" else torch.float16
+        return torch.autocast(self.rt.device.type, dtype=half)
 
     # ---- one optimizer step ----------------------------------------------------------------
     def train_step(self) -> dict:
@@ -604,7 +614,8 @@ class Trainer:
         from glmctl.model import parallel as tp
         f = path / "trainer" / "state.pt"
         if not f.is_file():
-            raise InputError(f"{path}: no trainer/state.pt (not a pretrain checkpoint; use --init-from for weights only)")
+            raise InputError(f"{path}: no trainer/state.pt (not a pretrain checkpoint; "
+                             f"use --init-from for weights only)")
         try:
             st = torch.load(f, weights_only=True, map_location="cpu")
         except Exception as e:  # noqa: BLE001 - torch raises several types for damaged files
@@ -700,7 +711,7 @@ def run(config: PretrainConfig) -> dict:
     if data.n_train < 1 or not data.valid_index:
         raise InputError(f"{c.data}: {data.dataset.num_tokens} tokens make {len(data.windows)} windows of "
                          f"{seq_len} tokens; need at least 2 (one is held out)")
-    check_data_vocab(data, tok, mcfg.vocab_size, c.data)
+    check_data_vocab(data, tok, mcfg.vocab_size, c)
     instructions = load_instructions(c.instruction_data, tok) if c.instruction_data else None
     resume = _resume_point(c, Path(c.out))
     if tok is None:
@@ -744,8 +755,9 @@ def _train(c: PretrainConfig, rt: Runtime, tok_dir, mcfg, seq_len: int, data, in
     resolved = {**{k: v for k, v in dataclasses.asdict(c).items() if k not in ("out", "resume", "fault_nan_steps")},
                 "seq_len": seq_len, "lr": tr.peak_lr, "min_lr": tr.min_lr, "global_batch_size": tr.final_batch,
                 "steps": tr.total_steps, "warmup_samples": tr.lr_kw["warmup_samples"], "world_size": rt.world}
+    ds = f", DeepSpeed ZeRO-{tr.engine.zero_optimization_stage()}" if tr.engine else ""
     console.log(f"pretrain: {mcfg.num_parameters() / 1e6:.1f}M parameters, {rt.world} process(es) "
-                f"(TP {rt.tp} x DP {rt.dp}{', DeepSpeed ZeRO-' + str(tr.engine.zero_optimization_stage()) if tr.engine else ''}), "
+                f"(TP {rt.tp} x DP {rt.dp}{ds}), "
                 f"{data.n_train} training / {len(data.valid_index)} held-out windows of {seq_len}, "
                 f"{tr.total_steps} steps x {tr.final_batch} sequences, lr {tr.peak_lr:.3g}, {c.precision}")
     # loop
@@ -815,7 +827,8 @@ def _loop(tr: Trainer, resolved: dict, t0: float) -> dict:
                 last = {"step": tr.step, "samples": tr.consumed, "tokens": tr.consumed * tr.seq_len, "loss": loss,
                         "lr": m["lr"], "grad_norm": m["grad_norm"], "loss_scale": m["loss_scale"],
                         "skipped_steps": tr.skipped, "batch_size": m["batch_size"], "scored_tokens": window["scored"],
-                        "tokens_per_s": round(window["tokens"] / window["time"], 1), "elapsed_s": round(tr.elapsed(), 2)}
+                        "tokens_per_s": round(window["tokens"] / window["time"], 1),
+                        "elapsed_s": round(tr.elapsed(), 2)}
                 record(last)
                 window = {"loss": [], "time": 0.0, "tokens": 0, "scored": 0}
             bar.update(1, loss=m["loss"], lr=m["lr"], gnorm=m["grad_norm"], scale=m["loss_scale"],

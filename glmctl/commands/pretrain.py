@@ -65,6 +65,9 @@ def pretrain_cmd(
     exact_attention: bool = typer.Option(False, "--exact-attention",
                                          help="Attention as GLM-130B's explicit fp32-softmax math instead of "
                                               "the fused kernel (same values within float tolerance, slower)."),
+    compile_: bool = typer.Option(False, "--compile", envvar="GLMCTL_PRETRAIN_COMPILE",
+                                  help="torch.compile the network for training steps: faster steps after a "
+                                       "compilation of a minute or two (needs a C++ compiler on CPU)."),
     batch_size_rampup: Optional[str] = typer.Option(None, "--batch-size-rampup", metavar="START,STEP,SAMPLES",
                                                     help="Grow the global batch from START by STEP over SAMPLES "
                                                          "samples (GLM-130B: 192,24,5493164)."),
@@ -107,7 +110,7 @@ def pretrain_cmd(
         weight_decay=weight_decay, grad_clip=grad_clip, dropout=dropout, embedding_grad_shrink=embedding_grad_shrink,
         precision=precision, zero_stage=zero_stage, deepspeed_config=opt(deepspeed_config),
         tensor_parallel=tensor_parallel, activation_checkpointing=activation_checkpointing,
-        exact_attention=exact_attention,
+        exact_attention=exact_attention, compile=compile_,
         batch_size_rampup=batch_size_rampup, save_interval=save_interval, keep=keep, eval_interval=eval_interval,
         eval_samples=eval_samples, log_interval=log_interval, resume=resume, max_wall_time=wall, seed=seed,
         valid_data=opt(valid_data), valid_fraction=valid_fraction, instruction_data=opt(instruction_data),
