@@ -56,6 +56,7 @@ class PretrainConfig:
     adam_eps: float = 1e-8
     dropout: float = 0.1
     embedding_grad_shrink: float = 0.1
+    embedding_init_std: float | None = None  # default 1/hidden_size (GLM.init_weights explains why)
     precision: str = "fp32"
     zero_stage: int = 0
     deepspeed_config: str | None = None
@@ -107,6 +108,8 @@ def validate(c: PretrainConfig, world: int) -> None:
         p.append("--warmup and --weight-decay must be non-negative and --grad-clip positive")
     if not 0 <= c.dropout < 1:
         p.append(f"--dropout must be within [0, 1), got {c.dropout}")
+    if c.embedding_init_std is not None and not c.embedding_init_std > 0:
+        p.append(f"--embedding-init-std must be positive, got {c.embedding_init_std}")
     if not 0 < c.embedding_grad_shrink <= 1:
         p.append(f"--embedding-grad-shrink must be within (0, 1], got {c.embedding_grad_shrink}")
     if not 0 < c.valid_fraction < 0.5:
@@ -363,7 +366,7 @@ class Trainer:
                                         mip_ratio=c.mip_ratio if instructions else 0.0)
         self.ids = obj.SpecialIds.from_dict(mcfg.special_token_ids())
         # model: fp32 master weights, DeepNorm init (spec §2.7), embedding gradient shrink (§5.3)
-        self.glm = GLM(mcfg).init_weights(c.seed)
+        self.glm = GLM(mcfg).init_weights(c.seed, embedding_std=c.embedding_init_std)
         self.glm.embedding_grad_shrink = c.embedding_grad_shrink
         self.glm.activation_checkpointing = c.activation_checkpointing
         self.glm.use_fast_attention(not c.exact_attention)  # same values, fused kernels (SelfAttention._sdpa)

@@ -182,6 +182,10 @@ def test_init_follows_deepnorm():
     gain = (2 * cfg.num_layers) ** -0.5
     w = m.transformer.layers[0].attention.query_key_value.weight.view(cfg.num_attention_heads, 3, cfg.head_dim, d)
     assert abs(w[:, 0].std().item() - math.sqrt(1 / (3 * d))) < 0.05 * math.sqrt(1 / (3 * d))
+    emb = m.transformer.word_embeddings.weight.std().item()  # 1/d: the tied output starts near uniform
+    assert abs(emb - 1 / d) < 0.05 / d
+    emb = GLM(cfg).init_weights(seed=0, embedding_std=0.0052).transformer.word_embeddings.weight.std().item()
+    assert abs(emb - 0.0052) < 0.05 * 0.0052
     v_std = gain * math.sqrt(2 / (2 * d))
     assert abs(w[:, 2].std().item() - v_std) < 0.05 * v_std
     ffn = m.transformer.layers[0].mlp.dense_4h_to_h.weight.std().item()

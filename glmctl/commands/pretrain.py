@@ -55,6 +55,9 @@ def pretrain_cmd(
     dropout: float = typer.Option(0.1, "--dropout", help="Attention and hidden dropout."),
     embedding_grad_shrink: float = typer.Option(0.1, "--embedding-grad-shrink", help="Embedding gradient shrink "
                                                                                      "alpha (1 = off)."),
+    embedding_init_std: Optional[float] = typer.Option(None, "--embedding-init-std",
+                                                       help="Std of the word embedding at init (default 1/hidden; "
+                                                            "GLM-130B's presumed value is 0.0052)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (fp16 with dynamic loss scaling)."),
     zero_stage: int = typer.Option(0, "--zero-stage", help="DeepSpeed ZeRO stage 1-3 (0: no DeepSpeed)."),
     deepspeed_config: Optional[Path] = typer.Option(None, "--deepspeed-config", help="DeepSpeed JSON; batch sizes "
@@ -108,6 +111,7 @@ def pretrain_cmd(
         tokenizer=opt(tokenizer), seq_len=seq_len, micro_batch_size=micro_batch_size,
         global_batch_size=global_batch_size, steps=steps, tokens=n_tokens, lr=lr, min_lr=min_lr, warmup=warmup,
         weight_decay=weight_decay, grad_clip=grad_clip, dropout=dropout, embedding_grad_shrink=embedding_grad_shrink,
+        embedding_init_std=embedding_init_std,
         precision=precision, zero_stage=zero_stage, deepspeed_config=opt(deepspeed_config),
         tensor_parallel=tensor_parallel, activation_checkpointing=activation_checkpointing,
         exact_attention=exact_attention, compile=compile_,

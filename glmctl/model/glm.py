@@ -221,10 +221,16 @@ class GLM(nn.Module):
 
     # ---- initialisation (spec §2.7) ------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None, std: float | None = None):
+    def init_weights(self, seed: int | None = None, std: float | None = None, embedding_std: float | None = None):
         """DeepNorm init: Xavier-normal with gain (2N)^-1/2 on v, out, and the FFN matrices
-        (per logical matrix), N(0, std) on q, k and the embedding (std = sqrt(1/(3d)) by
-        default, 0.0052 at d = 12288), zero biases, unit LayerNorms.
+        (per logical matrix), N(0, std) on q and k (std = sqrt(1/(3d)) by default, 0.0052 at
+        d = 12288), N(0, embedding_std) on the embedding, zero biases, unit LayerNorms.
+
+        The embedding's std is not documented (spec §2.7). It defaults to 1/d, not to the q/k
+        std: the output is tied to the embedding and the stack starts near the identity
+        (DeepNorm's alpha), so at init each position's own token gets a logit of about
+        d * embedding_std. With sqrt(1/(3d)) that is sqrt(d/3) (11 at d = 384) and the small
+        model sat at the unigram loss for 150+ steps; 1/d gives a logit of 1 and it learns at once.
 
         Each tensor is drawn at its *global* shape from a generator seeded by ``seed`` and the
         tensor name, then sliced to this rank's shard, so TP=1 and TP=k give the same model.
@@ -234,6 +240,7 @@ class GLM(nn.Module):
             raise ValueError("cannot initialise a quantized model")
         d, f = cfg.hidden_size, cfg.inner_hidden_size
         std = std if std is not None else math.sqrt(1.0 / (3 * d))
+        embedding_std = embedding_std if embedding_std is not None else 1.0 / d
         gain = (2 * cfg.num_layers) ** -0.5
         xav = lambda fi, fo: gain * math.sqrt(2.0 / (fi + fo))  # noqa: E731
         from glmctl.tp_layout import shard_tensor
@@ -247,7 +254,7 @@ class GLM(nn.Module):
                 p.zero_()
                 continue
             if name.endswith("word_embeddings.weight"):
-                full = torch.randn(cfg.vocab_size, d, generator=gen) * std
+                full = torch.randn(cfg.vocab_size, d, generator=gen) * embedding_std
             elif name.endswith("query_key_value.weight"):
                 # q, k ~ N(0, std); v Xavier(d, d) * gain. Rows are head-major [q|k|v] per head.
                 full = torch.randn(cfg.num_attention_heads, 3, cfg.head_dim, d, generator=gen)
