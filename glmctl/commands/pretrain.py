@@ -52,6 +52,7 @@ def pretrain_cmd(
                                                          "else a number of steps."),
     weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (not on biases/LayerNorms)."),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the global gradient norm to this."),
+    adam_beta2: float = typer.Option(0.95, "--adam-beta2", help="AdamW beta2 (GLM-130B: 0.95; beta1 is 0.9)."),
     dropout: float = typer.Option(0.1, "--dropout", help="Attention and hidden dropout."),
     embedding_grad_shrink: float = typer.Option(0.1, "--embedding-grad-shrink", help="Embedding gradient shrink "
                                                                                      "alpha (1 = off)."),
@@ -110,7 +111,7 @@ def pretrain_cmd(
         data=str(data), out=str(out), preset=preset, model_config=opt(model_config), init_from=opt(init_from),
         tokenizer=opt(tokenizer), seq_len=seq_len, micro_batch_size=micro_batch_size,
         global_batch_size=global_batch_size, steps=steps, tokens=n_tokens, lr=lr, min_lr=min_lr, warmup=warmup,
-        weight_decay=weight_decay, grad_clip=grad_clip, dropout=dropout, embedding_grad_shrink=embedding_grad_shrink,
+        weight_decay=weight_decay, grad_clip=grad_clip, adam_betas=(0.9, adam_beta2), dropout=dropout, embedding_grad_shrink=embedding_grad_shrink,
         embedding_init_std=embedding_init_std,
         precision=precision, zero_stage=zero_stage, deepspeed_config=opt(deepspeed_config),
         tensor_parallel=tensor_parallel, activation_checkpointing=activation_checkpointing,
