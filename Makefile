@@ -81,7 +81,9 @@ INT8_FLAGS      ?= --bits 8 --seq-len 128 --max-ppl-increase 0.5
 INT4_FLAGS      ?= --bits 4 --group-size 128 --method gptq --seq-len 128 --compare rtn:row,rtn:g128,gptq:row \
                    --max-ppl-increase 10
 EVAL_TASKS      ?= cloze_en cloze_zh mc_en mc_zh ppl_en ppl_zh
-GEN_FLAGS       ?= --max-new-tokens 32 --no-stream --strategy beam --num-beams 4 --no-repeat-ngram-size 3
+# Sampling (seeded): beam search on a model this small ends every blank at once (empty samples).
+GEN_FLAGS       ?= --max-new-tokens 32 --no-stream --strategy sample --top-p 0.9 --temperature 0.8 \
+                   --min-new-tokens 16 --no-repeat-ngram-size 3 --seed 1
 DEMO_PROMPTS    := "The Python interpreter" "中国人民" "The function returns [MASK] when the list is [MASK]."
 
 .PHONY: demo demo-clean

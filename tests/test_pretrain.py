@@ -182,6 +182,19 @@ def test_learns_beyond_the_unigram_model(tokens, tmp_path):
     assert s["eval_ppl"] < 0.8 * s["unigram_ppl"], s
 
 
+@pytest.mark.slow
+def test_optimizer_and_init_options_reach_the_run(tokens, tmp_path):
+    out = tmp_path / "run"
+    r = run_glmctl("pretrain", "--data", tokens, "--out", out, *TINY, "--steps", "1", "--adam-beta2", "0.99",
+                   "--embedding-init-std", "0.5", env=ENV)
+    assert r.returncode == 0, r.stderr
+    st = torch.load(out / "final" / "trainer" / "state.pt", weights_only=True)
+    assert all(tuple(g["betas"]) == (0.9, 0.99) for g in st["optimizer"]["param_groups"])
+    # one step of AdamW moves each weight by about lr (6e-4 here): the std is still the init's
+    emb = safetensors(out / "final")["transformer.word_embeddings.weight"]
+    assert abs(emb.std().item() - 0.5) < 0.02
+
+
 def _start(tokens, out, *extra):
     exe = Path(sys.executable).parent / "glmctl"
     env = {**os.environ, **ENV}
