@@ -72,8 +72,8 @@ clean-venv:
 DEMO ?= demo
 VOCAB_SIZE      ?= 8000
 # The demo's budget is about 10 minutes of 2 CPU cores: 800 steps of 8 x 128 tokens. Small batches
-# leave the early unigram plateau sooner (measured on the small preset, docs/pretrain.md), and
-# embedding gradient shrink is off (1): it steadies 100B-scale runs and only slows this one.
+# left the early unigram plateau sooner in our runs of the small preset (docs/pretrain.md), and
+# embedding gradient shrink is off (1): it steadies 100B-scale runs and slowed this one in ours.
 PRETRAIN_FLAGS  ?= --preset small --seq-len 128 --micro-batch-size 8 --global-batch-size 8 \
                    --steps 800 --dropout 0 --embedding-grad-shrink 1 --eval-interval 200 --save-interval 400 \
                    --seed 1234
