@@ -183,6 +183,18 @@ def test_learns_beyond_the_unigram_model(tokens, tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_training_steps_match_eager(tokens, tmp_path):
+    """--compile (torch.compile of the network for training forwards) changes speed, not values."""
+    runs = {}
+    for comp in (False, True):
+        s = pretrain(tokens, tmp_path / str(comp), steps=3, compile=comp, dropout=0.0, log_interval=1, eval_samples=4)
+        runs[comp] = ([r["loss"] for r in tu.read_metrics(tmp_path / str(comp) / "metrics.jsonl") if "loss" in r],
+                      s["eval_loss"])
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_optimizer_and_init_options_reach_the_run(tokens, tmp_path):
     out = tmp_path / "run"
     r = run_glmctl("pretrain", "--data", tokens, "--out", out, *TINY, "--steps", "1", "--adam-beta2", "0.99",
