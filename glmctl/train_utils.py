@@ -134,8 +134,9 @@ def grad_norm(named_params, tp_group=None, tp_size: int = 1, tp_rank: int = 0):
     from glmctl.tp_layout import REPLICATED, classify
     grads = [p.grad for name, p in named_params
              if p.grad is not None and not (tp_size > 1 and tp_rank != 0 and classify(name) == REPLICATED)]
-    norms = torch._foreach_norm(grads) if grads else []  # one fused pass instead of one per tensor
-    sq = torch.stack([n.float() for n in norms]).pow(2).sum() if grads else torch.zeros(())
+    sq = torch.zeros(())
+    if grads:  # one fused pass over all tensors instead of one reduction each
+        sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).pow(2).sum()
     if tp_size > 1:
         dist.all_reduce(sq, group=tp_group)
     return sq.sqrt()
