@@ -5,7 +5,7 @@ every choice as its own block (spec §4.4). Per choice: one sequence per choice,
 (how lm-eval scores a multiple-choice question). Prints examples/s for both, the speed-up, and
 how far the scores differ (they are the same numbers computed two ways).
 
-    .venv/bin/python bench/evaluate.py                      # small preset, 4 choices, CPU
+    .venv/bin/python bench/evaluate.py                      # medium preset, 4 choices, CPU
     .venv/bin/python bench/evaluate.py --preset tiny --examples 64 --context 256
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def timed_pair(a, b, args, repeats: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="small")
+    ap.add_argument("--preset", default="medium")
     ap.add_argument("--examples", type=int, default=32)
     ap.add_argument("--context", type=int, default=160, help="longest context in tokens (shortest: half)")
     ap.add_argument("--choices", type=int, default=4)

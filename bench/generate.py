@@ -1,11 +1,11 @@
 """Generation speed on CPU, as ratios against baselines measured in the same run.
 
-    .venv/bin/python bench/generate.py                  # full: small + glm-110m, 128 new tokens
-    .venv/bin/python bench/generate.py --quick          # small only, 32 new tokens
+    .venv/bin/python bench/generate.py                  # full: medium + glm-110m, 128 new tokens
+    .venv/bin/python bench/generate.py --quick          # medium only, 32 new tokens
 
-1. KV cache vs recomputing the whole sequence every step (``small``, greedy, batch 1; target >= 5x)
-2. batch 8 vs batch 1 throughput (``small``, prompts of different lengths, KV cache)
-3. INT4 (glmctl.kernels, per-row RTN scales) vs fp32 decode, for ``small`` and ``glm-110m``
+1. KV cache vs recomputing the whole sequence every step (``medium``, greedy, batch 1; target >= 5x)
+2. batch 8 vs batch 1 throughput (``medium``, prompts of different lengths, KV cache)
+3. INT4 (glmctl.kernels, per-row RTN scales) vs fp32 decode, for ``medium`` and ``glm-110m``
 
 Random weights (``init_weights``); no end tokens, so every run generates exactly N tokens.
 One CPU thread by default (``--threads``), so other processes on the machine disturb the ratios
@@ -92,7 +92,7 @@ def recompute(model, req: DecodeRequest, new_tokens):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small preset only, 32 new tokens")
+    ap.add_argument("--quick", action="store_true", help="medium preset only, 32 new tokens")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 128)")
     ap.add_argument("--context", type=int, default=64, help="prompt tokens")
     ap.add_argument("--threads", type=int, default=1,
@@ -104,7 +104,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     n_new = a.new_tokens or (32 if a.quick else 128)
-    presets = (a.presets or ("small" if a.quick else "small,glm-110m")).split(",")
+    presets = (a.presets or ("medium" if a.quick else "medium,glm-110m")).split(",")
     from glmctl import kernels
     kstatus = kernels.status() if hasattr(kernels, "status") else {}
     print(f"bench/generate: {n_new} new tokens after a {a.context}-token prompt, torch {torch.__version__}, "
@@ -122,14 +122,14 @@ def main(argv=None):
             print(f"{name:44}  {x:9.1f}  {base:9.1f}  {ratio:5.2f}x  {note}", flush=True)
 
     # 1. KV cache vs recompute --------------------------------------------------------------
-    model = build("small")
+    model = build("medium")
     req = request(model.config, a.context, 1)
     cached(model, [req], 4)  # warm-up
     t_cache, hyp = timed(lambda: cached(model, [req], n_new), repeat=2)
     t_full, toks = timed(lambda: recompute(model, req, n_new))
     same = hyp[0][0].tokens == toks
     r1 = t_full / t_cache
-    row("KV cache vs full recompute (small, batch 1)", n_new / t_cache, n_new / t_full, r1,
+    row("KV cache vs full recompute (medium, batch 1)", n_new / t_cache, n_new / t_full, r1,
         "same tokens" if same else "TOKENS DIFFER")
     results["kv_cache"] = {"cache_tok_s": n_new / t_cache, "recompute_tok_s": n_new / t_full, "ratio": r1,
                            "same_tokens": same}
@@ -139,7 +139,7 @@ def main(argv=None):
     t_b1, _ = timed(lambda: [cached(model, [r], n_new) for r in reqs[:2]])
     t_b8, _ = timed(lambda: cached(model, reqs, n_new))
     tps1, tps8 = 2 * n_new / t_b1, 8 * n_new / t_b8
-    row("batch 8 vs batch 1 throughput (small)", tps8, tps1, tps8 / tps1, "tokens/s, all prompts")
+    row("batch 8 vs batch 1 throughput (medium)", tps8, tps1, tps8 / tps1, "tokens/s, all prompts")
     results["batch"] = {"batch8_tok_s": tps8, "batch1_tok_s": tps1, "ratio": tps8 / tps1}
     del model
 

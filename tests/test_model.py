@@ -231,7 +231,8 @@ def test_config_rejects_bad_heads_and_roundtrips(tmp_path):
 
 def test_presets_have_expected_sizes():
     assert get_preset("tiny").num_parameters() < 1_000_000
-    assert 10e6 <= get_preset("small").num_parameters() <= 25e6
+    assert 1e6 <= get_preset("small").num_parameters() <= 4e6
+    assert 10e6 <= get_preset("medium").num_parameters() <= 25e6
     c = get_preset("glm-130b")
     assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.inner_hidden_size, c.vocab_size,
             c.max_sequence_length, c.layernorm_epsilon) == (70, 12288, 96, 32768, 150528, 2048, 1e-5)
