@@ -1,8 +1,8 @@
-"""Pre-training throughput: `glmctl pretrain` on the `small` preset on CPU (and glm-335m in bf16 on a
+"""Pre-training throughput: `glmctl pretrain` on the `small` preset (or --preset) on CPU (and glm-335m in bf16 on a
 GPU when one is present), as tokens/s and as achieved FLOP/s over a large torch.mm measured in the
 same process (fp32 on CPU, bf16 on GPU).
 
-    .venv/bin/python bench/pretrain.py [--steps 8] [--micro-batch-size 8] [--seq-len 512] [--threads N]
+    .venv/bin/python bench/pretrain.py [--preset small] [--steps 8] [--micro-batch-size 8] [--seq-len 512] [--threads N]
 
 Two FLOP counts per trained token (L layers, width d, sequence s, vocabulary V, N parameters):
 
@@ -108,6 +108,7 @@ def train(tmp: Path, *, preset: str, seq_len: int, micro: int, steps: int, preci
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small", help="CPU model (default small; medium is the 14M model)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--micro-batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -120,7 +121,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
-        kw = dict(preset="small", seq_len=a.seq_len, micro=a.micro_batch_size, precision="fp32", device="cpu",
+        kw = dict(preset=a.preset, seq_len=a.seq_len, micro=a.micro_batch_size, precision="fp32", device="cpu",
                   mm_dtype=torch.float32, mm_n=2048)
         runs = [train(tmp, steps=a.steps, exact=False, **kw)]
         if not a.no_exact:

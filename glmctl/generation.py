@@ -49,7 +49,7 @@ class GenerationConfig:
     no_repeat_ngram_size: int = 0
     min_new_tokens: int = 0  # end tokens are banned until this many tokens were generated
     seed: int | None = None
-    end_token_ids: tuple | None = None  # default (eop, eos)
+    end_token_ids: tuple | None = None  # default (eop, eos, eod)
     banned_token_ids: tuple = ()
     banned_first_token_ids: tuple = ()
     deterministic: bool = True  # beam search: top-k candidate pick (else multinomial w/o replacement)
@@ -94,7 +94,12 @@ class DecodeRequest:
 
 
 def end_token_ids(gen: GenerationConfig, ids: dict) -> tuple:
-    return tuple(gen.end_token_ids) if gen.end_token_ids is not None else (ids["eop"], ids["eos"])
+    """GLM-130B stops a span at eop or eos (spec §8.1). glmctl also stops at eod: a model
+    pre-trained on documents separated by eod (every glmctl tokens artifact) ends a document
+    with it, and what follows belongs to another one."""
+    if gen.end_token_ids is not None:
+        return tuple(gen.end_token_ids)
+    return tuple(dict.fromkeys(ids[k] for k in ("eop", "eos", "eod") if k in ids))
 
 
 def derive_seed(seed: int, *parts) -> int:

@@ -16,7 +16,7 @@ from glmctl.model.masks import prefix_lm_mask, prepare_prompt
 CFG = get_preset("tiny")
 IDS = CFG.special_token_ids()
 M, S, G = IDS["[MASK]"], IDS["[sMASK]"], IDS["[gMASK]"]
-ENDS = (IDS["eop"], IDS["eos"])
+ENDS = (IDS["eop"], IDS["eos"], IDS["eod"])
 
 
 def varied_model(seed=1, cfg=CFG, scale=10.0, dtype=None):
@@ -155,7 +155,9 @@ def test_beam_with_one_beam_equals_greedy(model):
         greedy = generate_span(model, ctx, IDS, GenerationConfig(max_new_tokens=16))[0]
         beam = generate_span(model, ctx, IDS, GenerationConfig(strategy="beam", num_beams=1,
                                                                max_new_tokens=16))
-        assert len(beam) == 1 and beam[0].tokens == greedy.tokens
+        # one beam follows greedy's path; it may end earlier, where an end token among its
+        # candidates gave a finished hypothesis that outscores the longer one (SAT's rule)
+        assert len(beam) == 1 and beam[0].tokens == greedy.tokens[:len(beam[0].tokens)]
         # without end tokens at all, beam 1 is argmax over the whole vocabulary
         g2 = GenerationConfig(max_new_tokens=16, end_token_ids=())
         b2 = GenerationConfig(strategy="beam", num_beams=1, max_new_tokens=16, end_token_ids=())
@@ -314,17 +316,18 @@ def test_min_new_tokens_and_banned_tokens(model):
     assert h.tokens[0] != base[0]
 
 
-def test_default_end_tokens_are_eop_and_eos(model):
+@pytest.mark.parametrize("end", ["eop", "eos", "eod"])
+def test_default_end_tokens_are_eop_eos_and_eod(model, end):
     ctx = prepare_prompt([3, 4, 5], IDS)
     base = generate_span(model, ctx, IDS, GenerationConfig(max_new_tokens=8))[0].tokens
-    # make <eop> the model's choice after two tokens by giving it the embedding direction of
-    # base[2]: tied output weights mean equal logits, and argmax takes the lower id
+    # make the end token the model's choice after two tokens by giving it the embedding
+    # direction of base[2], scaled up: tied output weights mean a larger logit
     m2 = varied_model()
     with torch.no_grad():
         E = m2.transformer.word_embeddings.weight
-        E[IDS["eop"]] = E[base[2]] * 1.5
+        E[IDS[end]] = E[base[2]] * 1.5
     h = generate_span(m2, ctx, IDS, GenerationConfig(max_new_tokens=8))[0]
-    assert IDS["eop"] not in h.tokens and h.stop_token in ENDS and len(h.tokens) < 8
+    assert IDS[end] not in h.tokens and h.stop_token == IDS[end] and len(h.tokens) == 2
 
 
 def test_max_new_tokens_and_model_window(model):
