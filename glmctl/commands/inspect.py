@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
 
 
 def plan_cmd(
-    preset: Optional[str] = typer.Option(None, help="Named configuration (tiny, small, glm-110m ... glm-130b)."),
+    preset: Optional[str] = typer.Option(None, help="Named configuration (tiny, small, medium, glm-110m ... glm-130b)."),
     model_config: Optional[Path] = typer.Option(None, help="A config.json or checkpoint directory instead of a preset."),
     bits: int = typer.Option(16, help="Weight precision to plan for: 16 (fp16), 8 or 4."),
     tp: int = typer.Option(1, help="Tensor-parallel size (number of GPUs)."),

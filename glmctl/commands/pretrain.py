@@ -29,8 +29,9 @@ def pretrain_cmd(
     data: Path = typer.Option(..., "--data", help="Tokens directory from `glmctl tokenize` (Megatron .bin/.idx)."),
     out: Path = typer.Option(..., "--out", help="Run directory: step-N/ checkpoints, final/, latest, metrics.jsonl, "
                                                 "loss.png."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Model preset (default small): tiny, small, "
-                                                                 "glm-110m, glm-335m, glm-2b, glm-10b, glm-130b."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Model preset (default small, 1.9M): tiny, small, "
+                                                                 "medium, glm-110m, glm-335m, glm-2b, glm-10b, "
+                                                                 "glm-130b."),
     model_config: Optional[Path] = typer.Option(None, "--model-config", help="ModelConfig JSON instead of a preset."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from this checkpoint's weights "
                                                                        "(fresh optimizer and schedule)."),
