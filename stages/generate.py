@@ -261,7 +261,7 @@ class Generator:
         cfg = self.model.config
         self.ids = cfg.special_token_ids()
         tok_ids = self.tokenizer.special_ids
-        for name in ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "eos"):
+        for name in ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "eos", "eod"):  # eod ends a span too
             if name in tok_ids and tok_ids[name] != self.ids[name]:
                 raise InputError(f"{c.model}: the tokenizer's {name} id {tok_ids[name]} differs from config.json's "
                                  f"{self.ids[name]} (tokenizer and checkpoint do not belong together)")

@@ -218,6 +218,21 @@ def test_missing_inputs_and_bad_options(ckpt, tmp_path):
     assert e.value.exit_code == 3 and "no-model" in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["eop", "eod"])
+def test_tokenizer_and_config_disagreeing_on_an_end_token_is_refused(ckpt, tmp_path, name):
+    import json
+    import shutil
+    from glmctl.errors import InputError
+    bad = tmp_path / "model"
+    shutil.copytree(ckpt, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg[f"{name}_token_id"] += 1  # the tokenizer files still say the old id
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError) as e:
+        run_stage(bad, prompts=["hi"])
+    assert f"tokenizer's {name} id" in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.slow
 def test_stdin_prompts(ckpt):
     r = run_glmctl("generate", ckpt, "-n", "3", input="The quick\n清华大学\n")
