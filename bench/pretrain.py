@@ -1,6 +1,6 @@
-"""Pre-training throughput: `glmctl pretrain` on the `small` preset (or --preset) on CPU (and glm-335m in bf16 on a
-GPU when one is present), as tokens/s and as achieved FLOP/s over a large torch.mm measured in the
-same process (fp32 on CPU, bf16 on GPU).
+"""Pre-training throughput: `glmctl pretrain` on the `small` preset (or --preset) on CPU (and
+glm-335m in bf16 on a GPU when one is present), as tokens/s and as achieved FLOP/s over a large
+torch.mm measured in the same process (fp32 on CPU, bf16 on GPU).
 
     .venv/bin/python bench/pretrain.py [--preset small] [--steps 8] [--micro-batch-size 8] [--seq-len 512] [--threads N]
 

@@ -99,7 +99,7 @@ def end_token_ids(gen: GenerationConfig, ids: dict) -> tuple:
     with it, and what follows belongs to another one."""
     if gen.end_token_ids is not None:
         return tuple(gen.end_token_ids)
-    return tuple(dict.fromkeys(ids[k] for k in ("eop", "eos", "eod") if k in ids))
+    return tuple(dict.fromkeys([ids["eop"], ids["eos"]] + ([ids["eod"]] if "eod" in ids else [])))
 
 
 def derive_seed(seed: int, *parts) -> int:

@@ -4,6 +4,7 @@ quantized checkpoints, and TP=2 under torchrun equal to TP=1."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,8 +221,6 @@ def test_missing_inputs_and_bad_options(ckpt, tmp_path):
 
 @pytest.mark.parametrize("name", ["eop", "eod"])
 def test_tokenizer_and_config_disagreeing_on_an_end_token_is_refused(ckpt, tmp_path, name):
-    import json
-    import shutil
     from glmctl.errors import InputError
     bad = tmp_path / "model"
     shutil.copytree(ckpt, bad)

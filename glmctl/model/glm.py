@@ -230,7 +230,7 @@ class GLM(nn.Module):
         std: the output is tied to the embedding and the stack starts near the identity
         (DeepNorm's alpha), so at init each position's own token gets a logit of about
         d * embedding_std. With sqrt(1/(3d)) that is sqrt(d/3) (11 at d = 384), and a causal-LM
-        run of the small preset sat at the unigram loss for 150+ steps; with 1/d (a logit of 1)
+        run of the medium preset sat at the unigram loss for 150+ steps; with 1/d (a logit of 1)
         its held-out loss after 60 steps was 6.30 instead of 6.88 (docs/pretrain.md).
 
         Each tensor is drawn at its *global* shape from a generator seeded by ``seed`` and the
