@@ -176,7 +176,9 @@ class ArtifactWriter:
     """Build an artifact directory atomically; manifest.json is written last."""
 
     def __init__(self, out: str | Path, stage: str, config: dict, inputs: list | None = None,
-                 argv: list[str] | None = None, hash_outputs: bool = True):
+                 argv: list[str] | None = None, hash_outputs: bool = True, staging: str | Path | None = None):
+        """``staging``: adopt a directory built elsewhere (e.g. by every tensor-parallel rank)
+        instead of making a fresh temporary one; ``finish`` moves it into place."""
         self.out = Path(out)
         self.stage = stage
         self.config = config
@@ -185,14 +187,15 @@ class ArtifactWriter:
         self.hash_outputs = hash_outputs
         self.summary: dict = {}
         self.status = "complete"
-        self.path = self.out.with_name(f".{self.out.name}.tmp{os.getpid()}")
-        self.started = None
+        self.adopted = staging is not None
+        self.path = Path(staging) if staging is not None else self.out.with_name(f".{self.out.name}.tmp{os.getpid()}")
+        self.started = RUN_STARTED or _dt.datetime.now(_dt.timezone.utc)
 
     def __enter__(self):
-        self.started = RUN_STARTED or _dt.datetime.now(_dt.timezone.utc)
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
+        if not self.adopted:
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True)
         return self
 
     def __exit__(self, exc_type, exc, tb):

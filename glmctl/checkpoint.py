@@ -15,16 +15,20 @@ process (the shards are merged on load); any other TP is resharded on load in me
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from glmctl.artifacts import ArtifactWriter, read_manifest, replace_dir, atomic_write_json
+from glmctl import tp_layout
 from glmctl.config import ModelConfig
 from glmctl.errors import InputError
-from glmctl import tp_layout
+from glmctl.model import GLM
+from glmctl.model import parallel as tp
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -65,7 +69,6 @@ def _split_by_size(sd: dict, max_bytes: int) -> list[dict]:
 def write_rank_files(directory: Path, sd: dict, rank: int, tp: int,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, str]:
     """Write one rank's state dict; returns {tensor name: file name}."""
-    from safetensors.torch import save_file
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     parts = _split_by_size(sd, max_shard_bytes)
     weight_map = {}
@@ -96,7 +99,6 @@ def save_model(model, path: str | Path, tokenizer: str | Path | None = None, *, 
     ``write_extra(directory)`` (every rank) adds files (e.g. trainer state) before the manifest.
     ``status`` goes into the manifest ("failed-gate": complete and readable, but a quality gate tripped).
     """
-    from glmctl.model import parallel as tp
     path = Path(path)
     tp_size, rank = tp.tp_size(), tp.tp_rank()
     cfg: ModelConfig = model.config.replace(tensor_parallel_size=tp_size)
@@ -111,7 +113,6 @@ def save_model(model, path: str | Path, tokenizer: str | Path | None = None, *, 
                 write_extra(w.path)
             w.summary.update(summary or {})
         return path
-    import torch.distributed as dist
     tmp = path.with_name(f".{path.name}.tmp-tp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -124,11 +125,8 @@ def save_model(model, path: str | Path, tokenizer: str | Path | None = None, *, 
     dist.all_gather_object(maps, wm, group=tp.tp_group())
     if rank == 0:
         _finish_files(tmp, cfg, dict(enumerate(maps)), tokenizer)
-        w = ArtifactWriter(path, stage=stage, config=run_cfg, inputs=inputs)
+        w = ArtifactWriter(path, stage=stage, config=run_cfg, inputs=inputs, staging=tmp)
         w.status = status
-        w.path = tmp
-        from glmctl import artifacts
-        w.started = artifacts.RUN_STARTED
         w.summary.update(summary or {})
         w.finish()
     dist.barrier(group=tp.tp_group())
@@ -155,8 +153,8 @@ def rank_files(path: Path, cfg: ModelConfig) -> dict[int, list[str]]:
     return {r: [shard_filename(r, tp)] for r in range(tp)}
 
 
-def _open_safetensors(f: Path):
-    from safetensors import safe_open
+def open_safetensors(f: Path):
+    """safe_open ``f``, with one clear line for a missing or damaged file."""
     if not f.exists():
         raise InputError(f"{f}: missing checkpoint file")
     try:
@@ -170,7 +168,7 @@ def read_rank(path: Path, cfg: ModelConfig, rank: int) -> dict[str, torch.Tensor
     out = {}
     for fname in rank_files(path, cfg)[rank]:
         f = path / fname
-        handle = _open_safetensors(f)
+        handle = open_safetensors(f)
         try:
             with handle as h:
                 for k in h.keys():
@@ -188,7 +186,7 @@ def tensor_table(path: Path) -> list[tuple[str, int, tuple, str]]:
     rows = []
     for rank, files in rank_files(path, cfg).items():
         for fname in files:
-            with _open_safetensors(path / fname) as h:
+            with open_safetensors(path / fname) as h:
                 for k in h.keys():
                     sl = h.get_slice(k)
                     rows.append((k, rank, tuple(sl.get_shape()), str(sl.get_dtype())))
@@ -219,37 +217,44 @@ def read_state_dict(path: str | Path, tp_out: int = 1, rank: int = 0) -> tuple[M
     return cfg.replace(tensor_parallel_size=tp_out), out
 
 
-def build_model(cfg: ModelConfig, dtype=None, device=None):
+def build_model(cfg: ModelConfig, dtype=None, device=None) -> GLM:
     """An uninitialised GLM on ``device`` (use 'meta' to build the 130B config in no memory)."""
-    from glmctl.model import GLM
     return GLM(cfg, device=device, dtype=dtype)
 
 
-def load_model(path: str | Path, dtype=None, device=None):
-    """Load a native checkpoint for the current tensor-parallel layout (glmctl.model.parallel).
+def is_float_weight(name: str, t) -> bool:
+    """Floating tensors that follow the model's dtype; quantization scales keep their own."""
+    return t.is_floating_point() and not name.endswith("_scale")
 
-    dtype: torch dtype or 'fp32'/'bf16'/'fp16' for the float tensors (default: as stored);
-    int8 quantized weights stay int8. Returns the model in eval mode.
-    """
-    from glmctl.model import parallel as tp
-    dtype = parse_dtype(dtype)
-    cfg, sd = read_state_dict(path, tp.tp_size(), tp.tp_rank())
-    if dtype is None:
-        floats = [v.dtype for k, v in sd.items() if v.is_floating_point() and not k.endswith("_scale")]
-        dtype = floats[0] if floats else torch.float32
+
+def stored_dtype(dtypes: dict) -> torch.dtype:
+    """The dtype a checkpoint is stored in, from {name: dtype}: that of its LayerNorms (int8
+    weights and quantization scales do not count); fp32 when there is no float tensor."""
+    for name, dt in dtypes.items():
+        if "layernorm" in name:
+            return dt
+    return next((dt for name, dt in dtypes.items() if dt.is_floating_point and not name.endswith("_scale")),
+                torch.float32)
+
+
+def model_from_state_dict(cfg: ModelConfig, sd: dict, dtype=None, device=None, where: str = "checkpoint") -> GLM:
+    """The one way a GLM is built from weights: on the meta device (no memory), names and shapes
+    checked against ``cfg``, float tensors cast to ``dtype`` (default: as stored; int8 weights and
+    their scales stay as they are), assigned without a copy, moved to ``device``, in eval mode."""
+    dtype = parse_dtype(dtype) or stored_dtype({k: v.dtype for k, v in sd.items()})
     model = build_model(cfg, dtype=dtype, device="meta")
     expected = model.state_dict()
-    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # SAT's buffers: recomputed
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
         what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
-        raise InputError(f"{path}: {what} (checkpoint does not match its config.json)")
+        raise InputError(f"{where}: {what} (checkpoint does not match its config.json)")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise InputError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config.json implies "
+            raise InputError(f"{where}: tensor {k} has shape {tuple(v.shape)}, config.json implies "
                              f"{tuple(expected[k].shape)}")
-        if expected[k].is_floating_point() and not k.endswith("_scale"):
+        if is_float_weight(k, v):
             sd[k] = v.to(dtype)
     model.load_state_dict(sd, strict=True, assign=True)
     if device is not None:
@@ -257,8 +262,12 @@ def load_model(path: str | Path, dtype=None, device=None):
     return model.eval()
 
 
-def checkpoint_dtype(path: str | Path) -> str:
-    for name, _, _, dt in tensor_table(Path(path)):
-        if "layernorm" in name:
-            return dt
-    return "unknown"
+def load_model(path: str | Path, dtype=None, device=None) -> GLM:
+    """Load a native checkpoint for the current tensor-parallel layout (glmctl.model.parallel).
+
+    dtype: torch dtype or 'fp32'/'bf16'/'fp16' for the float tensors (default: as stored);
+    int8 quantized weights stay int8. Returns the model in eval mode.
+    """
+    cfg, sd = read_state_dict(path, tp.tp_size(), tp.tp_rank())
+    return model_from_state_dict(cfg, sd, dtype, device, where=str(path))
+

@@ -119,7 +119,7 @@ class ModelConfig:
         return cls.from_dict(d, source=str(path))
 
 
-def _own_vocab(cfg: ModelConfig) -> ModelConfig:
+def own_vocab(cfg: ModelConfig) -> ModelConfig:
     """Presets below GLM-130B have their own vocabulary: until a tokenizer says otherwise, the
     8 GLM special tokens sit at vocab_size-64 ... (inside the padding), eos = 2 and pad = 0
     (sentencepiece's defaults). `glmctl pretrain --tokenizer` replaces them with the tokenizer's."""
@@ -133,23 +133,23 @@ def _glm_family(layers: int, hidden: int, heads: int, vocab: int = 50304) -> Mod
     # GLM family sizes (paper Table 10) with GLM-130B's architecture: GeGLU with inner size
     # 8/3*d (rounded up to a multiple of 64), DeepNorm, RoPE.
     inner = -(-(8 * hidden // 3) // 64) * 64
-    return _own_vocab(ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+    return own_vocab(ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                                   inner_hidden_size=inner, vocab_size=vocab, max_sequence_length=2048))
 
 
 PRESETS: dict[str, ModelConfig] = {
     # Tests: ~0.2M parameters.
-    "tiny": _own_vocab(ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=128,
+    "tiny": own_vocab(ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=128,
                                    vocab_size=512, max_sequence_length=256)),
     # The demo's model: ~1.9M parameters at an 8k vocab, trains usefully on a 2-core CPU in 10
     # minutes. Measured on the sample corpus at equal CPU time (docs/pretrain.md): held-out loss
     # 5.37 for 4 x 128, 5.52 for 4 x 192, 6.20 for 4 x 256, 6.41 for 6 x 384 (now `medium`): with
     # DeepNorm, a few narrow layers and many steps beat a wider model at this budget. Widths are
     # multiples of 128 so INT4 group-128 quantization applies.
-    "small": _own_vocab(ModelConfig(num_layers=4, hidden_size=128, num_attention_heads=2,
+    "small": own_vocab(ModelConfig(num_layers=4, hidden_size=128, num_attention_heads=2,
                                     inner_hidden_size=384, vocab_size=8192, max_sequence_length=512)),
     # ~14M parameters: the previous `small`; the CPU benchmarks of generate/evaluate use it.
-    "medium": _own_vocab(ModelConfig(num_layers=6, hidden_size=384, num_attention_heads=6,
+    "medium": own_vocab(ModelConfig(num_layers=6, hidden_size=384, num_attention_heads=6,
                                      inner_hidden_size=1024, vocab_size=8192, max_sequence_length=512)),
     "glm-110m": _glm_family(12, 768, 12),
     "glm-335m": _glm_family(24, 1024, 16),

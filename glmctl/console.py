@@ -26,8 +26,13 @@ _quiet = False
 
 
 def set_quiet(q: bool) -> None:
+    """Silence log lines and progress (the other ranks of a distributed run; benchmarks)."""
     global _quiet
     _quiet = q
+
+
+def is_quiet() -> bool:
+    return _quiet
 
 
 def log(msg: str) -> None:

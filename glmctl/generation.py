@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from glmctl.errors import UsageError
 from glmctl.model.masks import build_mask, prepare_prompt
@@ -353,10 +352,6 @@ def _device_of(model) -> torch.device:
     return torch.device("cpu")
 
 
-def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits of the given hidden states (the output layer of GLM.forward, for the rows we need)."""
-    from glmctl.model import parallel as tp
-    return tp.gather_last_dim(F.linear(hidden, model.transformer.word_embeddings.weight))
 
 
 def _shared_seed(seed: int | None) -> int:
@@ -448,7 +443,7 @@ def _run(model, requests, strategies, limits, active, device, pad):
     tok, pos, mask, valid = tok.to(device), pos.to(device), mask.to(device), valid.to(device)
     cache = model.new_kv_cache()
     hidden = model(tok, pos, mask, kv_cache=cache, return_hidden=True)[:, -1]
-    logits = _last_logits(model, hidden).float()
+    logits = model.logits(hidden).float()
     rows = list(active)  # the request of each row
     key_valid = valid
     step = 0
@@ -484,7 +479,7 @@ def _run(model, requests, strategies, limits, active, device, pad):
         step_pos = torch.tensor([requests[i].next_position(step) for i in rows], dtype=torch.long,
                                 device=device)[:, None]
         hidden = model(step_tok, step_pos, step_mask, kv_cache=cache, return_hidden=True)[:, -1]
-        logits = _last_logits(model, hidden).float()
+        logits = model.logits(hidden).float()
 
 
 def decode(model, tokens: list[int], positions: list[int], prefix_len: int,

@@ -355,7 +355,7 @@ class _ShapeFacts:
 
     def model_config(self, *, heads=None, preset=None, base=None):
         """ModelConfig for these shapes: head count from ``heads``, the preset, or inv_freq."""
-        from glmctl.config import ModelConfig, _own_vocab, get_preset
+        from glmctl.config import ModelConfig, own_vocab, get_preset
         cfg = get_preset(preset) if preset else (base or ModelConfig())
         if heads is None and not preset and base is None:
             if self.head_dim:
@@ -377,7 +377,7 @@ class _ShapeFacts:
             except UsageError as e:
                 raise UsageError(f"{self.where}: {e}") from None
             if base is None and max(cfg.special_token_ids().values()) >= cfg.vocab_size:
-                cfg = _own_vocab(cfg)
+                cfg = own_vocab(cfg)
         if self.head_dim and cfg.head_dim != self.head_dim:
             raise InputError(f"{self.where}: rotary_emb.inv_freq has {self.head_dim // 2} frequencies (head "
                              f"dim {self.head_dim}) but {cfg.num_attention_heads} heads give head dim {cfg.head_dim}")

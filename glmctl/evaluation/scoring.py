@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from glmctl.model import masks
 
@@ -192,11 +191,6 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary logits [n, vocab] for hidden states [n, h] (tied output layer, TP-gathered)."""
-    from glmctl.model import parallel as tp
-    logits = F.linear(tp.copy_to_tp(hidden), model.transformer.word_embeddings.weight)
-    return tp.gather_last_dim(logits)
 
 
 @torch.no_grad()
@@ -227,7 +221,7 @@ def run_batch(model, batch: list[Request], pad_id: int = 0) -> list[list[tuple[f
     mask = masks.build_mask(prefix, sample, block, blocks_see_earlier=False)
     hidden = model(tokens.to(device), positions.to(device), mask.to(device), return_hidden=True)
     h = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-    logits = logits_at(model, h).float()
+    logits = model.logits(h).float()
     target = torch.tensor(tgt, device=device)
     logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
     greedy = logits.argmax(dim=-1) == target

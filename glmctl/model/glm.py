@@ -211,7 +211,12 @@ class GLM(nn.Module):
         h = self.transformer.final_layernorm(h)
         if return_hidden:
             return h
-        logits = F.linear(tp.copy_to_tp(h), self.transformer.word_embeddings.weight)
+        return self.logits(h, parallel_output)
+
+    def logits(self, hidden: torch.Tensor, parallel_output: bool = False) -> torch.Tensor:
+        """The output layer, tied to the word embedding (docs/glm130b.md §2.5): hidden [..., h] ->
+        logits [..., vocab] (this rank's vocabulary slice with ``parallel_output``)."""
+        logits = F.linear(tp.copy_to_tp(hidden), self.transformer.word_embeddings.weight)
         return logits if parallel_output else tp.gather_last_dim(logits)
 
     # ---- state dict: accept SAT's ignored rotary buffers ----------------------------------
