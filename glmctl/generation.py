@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from glmctl.errors import UsageError
+from glmctl.model import parallel as tp
 from glmctl.model.masks import build_mask, prepare_prompt
 
 FILLER = -65504.0  # GLM-130B's "minus infinity" for banned logits (fp16's lowest finite value)
@@ -359,9 +361,7 @@ def _shared_seed(seed: int | None) -> int:
     if seed is not None:
         return int(seed)
     s = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
-    from glmctl.model import parallel as tp
     if tp.tp_size() > 1:
-        import torch.distributed as dist
         t = torch.tensor([s], dtype=torch.long)
         if dist.get_backend(tp.tp_group()) == "nccl":
             t = t.cuda()
@@ -596,10 +596,6 @@ def fill(model, tokens: list[int], ids: dict, gen: GenerationConfig) -> tuple[li
     mask would become a new blank). Returns (final tokens, [(start index, generated ids)])."""
     r = fill_batch(model, [list(tokens)], ids, gen)[0]
     return r.tokens, r.spans
-
-
-def num_beams_out(gen: GenerationConfig) -> int:
-    return gen.num_beams if gen.strategy == "beam" else 1
 
 
 __all__ = ["GenerationConfig", "Hypothesis", "DecodeRequest", "BeamSearch", "Sampler", "NgramBans",

@@ -37,7 +37,7 @@ from glmctl.model import parallel as tp_state
 TEARDOWN_TIMEOUT = _dt.timedelta(seconds=60)
 
 
-def resolve_device(request: str | None, local_rank: int = 0, world: int = 1) -> torch.device:
+def resolve_device(request: str | None, local_rank: int = 0) -> torch.device:
     """The device a stage runs on (the policy above)."""
     if request is None:
         request = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,8 +47,8 @@ def resolve_device(request: str | None, local_rank: int = 0, world: int = 1) -> 
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UsageError(f"--device {request}: no CUDA device is available")
-    device = torch.device(f"cuda:{local_rank}" if request == "cuda" and world > 1 else request)
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    device = torch.device(f"cuda:{local_rank}" if request == "cuda" else request)
+    index = device.index
     major, minor = torch.cuda.get_device_capability(index)
     archs = torch.cuda.get_arch_list()
     if archs and not any(a.startswith("sm_") and a[3:].isdigit() and int(a[3:]) // 10 == major
@@ -146,7 +146,7 @@ def start(device: str | None = None, tp: int | None = None, deepspeed: bool = Fa
     rt = Runtime(world=world, rank=rank, local_rank=local, tp=world if tp is None else tp, deepspeed=deepspeed)
     if world % rt.tp:
         raise UsageError(f"world size {world} is not divisible by the tensor-parallel size {rt.tp}")
-    rt.device = resolve_device(device, local, world)
+    rt.device = resolve_device(device, local)
     if rt.device.type == "cuda":
         torch.cuda.set_device(rt.device)
     elif world > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on GLM-130B-format tasks; write lm-eval-compatible results (spec §9).
+"""Evaluate a checkpoint on GLM-130B-format tasks; write lm-eval-compatible results (docs/glm130b.md §9).
 
     run(EvaluateConfig(model="model-int4", tasks=["builtin"], out="eval/int4",
                        history="eval/history.jsonl", fail_below=["mc_en:acc=0.3"]))
@@ -31,24 +31,34 @@ writes. Quantized checkpoints load and run the same way.
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from glmctl import console
-from glmctl.errors import (EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_GATE, GateFailed, GlmctlError, InputError,
-                           LockHeld, UsageError)
+import torch
+
+from glmctl import __version__, console, runtime
+from glmctl.artifacts import is_up_to_date, manifest_hash, read_manifest
+from glmctl.errors import EXIT_BAD_INPUT, EXIT_GATE, GateFailed, GlmctlError, InputError, UsageError
+from glmctl.evaluation.results import build_results, main_metrics
+from glmctl.evaluation.runner import Evaluator
+from glmctl.evaluation.scoring import RequestCache
+from glmctl.evaluation.tasks import find_tasks, load_task
+from glmctl.model import parallel as tp
+from glmctl.session import open_model
+from glmctl.stage import COMPLETE, FAILED_GATE, UP_TO_DATE, StageOutput, StageResult
 
 STAGE = "evaluate"
 PROTOCOL_VERSION = 1  # bump when scoring changes so --if-stale re-runs old results
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateConfig:
     model: str
-    tasks: list[str]
+    tasks: tuple[str, ...]
     out: str | None = None
     data_path: str | None = None
     limit: int | None = None             # at most N examples (LM: documents) per data file
@@ -59,20 +69,36 @@ class EvaluateConfig:
     lock_timeout: float = 0.0
     history: str | None = None
     if_stale: bool = False
-    fail_below: list = field(default_factory=list)
-    fail_above: list = field(default_factory=list)
+    fail_below: tuple[str, ...] = ()
+    fail_above: tuple[str, ...] = ()
     show_progress: bool = True
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"--limit must be at least 1, got {self.limit}")
+        if self.if_stale and self.out is None and self.history is None:
+            raise UsageError("--if-stale needs --out or --history (where earlier results are)")
+        if self.lock == "auto" and self.out is None:
+            raise UsageError("--lock without a PATH needs --out (the lock goes next to it)")
+        self.gates()
+
+    def gates(self) -> list["Gate"]:
+        return parse_gates(list(self.fail_below), True) + parse_gates(list(self.fail_above), False)
 
 
 @dataclass
-class EvaluateResult:
-    results: dict | None
-    out: Path | None = None
-    skipped: bool = False
+class EvaluateResult(StageResult):
+    results: dict | None = None
     failed: dict = field(default_factory=dict)        # task -> message
     failed_codes: dict = field(default_factory=dict)  # task -> exit code
     gate_failures: list = field(default_factory=list)
     resumed: int = 0
+
+    @property
+    def skipped(self) -> bool:
+        return self.up_to_date
 
     @property
     def exit_code(self) -> int:
@@ -145,51 +171,6 @@ def check_gates(gates: list[Gate], results: dict) -> list[str]:
 
 
 # ---- helpers -------------------------------------------------------------------------------
-def _rank() -> int:
-    import torch.distributed as dist
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _init_distributed(device: str | None) -> str:
-    """Under torchrun: join the process group and split the model over all ranks (TP)."""
-    import torch
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and world > 1:
-        device = f"cuda:{local}"
-    if device.startswith("cuda:"):
-        torch.cuda.set_device(torch.device(device))
-    if world > 1:
-        import torch.distributed as dist
-        from glmctl.model import parallel as tp
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        tp.init_tensor_parallel(dist.get_world_size())
-    return device
-
-
-def _broadcast(obj):
-    """Rank 0's value of ``obj`` on every rank (identity without torch.distributed)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def default_lock_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.lock"
-
-
 def cache_path(out: Path, model_hash: str, dtype: str | None) -> Path:
     return out.parent / f".{out.name}.cache" / f"{model_hash[:16]}-{dtype or 'stored'}.jsonl"
 
@@ -242,49 +223,22 @@ def _history_key(model_hash, task_hash, limit, dtype) -> tuple:
 
 # ---- the stage -----------------------------------------------------------------------------
 def run(c: EvaluateConfig) -> EvaluateResult:
-    if c.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {c.batch_size}")
-    if c.limit is not None and c.limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {c.limit}")
-    if c.if_stale and c.out is None and c.history is None:
-        raise UsageError("--if-stale needs --out or --history (where earlier results are)")
-    gates = parse_gates(list(c.fail_below), True) + parse_gates(list(c.fail_above), False)
-    out = Path(c.out) if c.out is not None else None
-    lock = None
-    if c.lock is not None:
-        if c.lock == "auto":
-            if out is None:
-                raise UsageError("--lock without a PATH needs --out (the lock goes next to it)")
-            lock = default_lock_path(out)
-        else:
-            lock = Path(c.lock)
-    device = _init_distributed(c.device)
-    if _rank() != 0:
-        console.set_quiet(True)
-    if lock is None:
-        return _run_locked(c, out, device, gates)
-    from glmctl.artifacts import file_lock
-    err = None
-    ctx = None
-    if _rank() == 0:
-        try:
-            ctx = file_lock(lock, timeout=c.lock_timeout)
-            ctx.__enter__()
-        except LockHeld as e:
-            err, ctx = str(e), None
-    err = _broadcast(err)
-    if err is not None:
-        raise LockHeld(err)
+    c.validate()
+    rt = runtime.start(device=c.device)
+    clean = False
     try:
-        return _run_locked(c, out, device, gates)
+        with StageOutput(STAGE, c.out, lock=c.lock, lock_timeout=c.lock_timeout, if_stale=c.if_stale,
+                         runtime=rt) as o:
+            res = _run(c, rt, o)
+        clean = True
+        return res
     finally:
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
+        runtime.stop(rt, clean=clean)
 
 
-def _run_locked(c: EvaluateConfig, out: Path | None, device: str, gates: list[Gate]) -> EvaluateResult:
-    from glmctl.artifacts import manifest_hash, read_manifest
-    from glmctl.evaluation.tasks import find_tasks, load_task
+def _run(c: EvaluateConfig, rt, output: StageOutput) -> EvaluateResult:
+    gates = c.gates()
+    out = output.out
     started = time.time()
     model_dir = Path(c.model)
     read_manifest(model_dir)  # a clear error for a missing or incomplete checkpoint
@@ -311,12 +265,12 @@ def _run_locked(c: EvaluateConfig, out: Path | None, device: str, gates: list[Ga
     stale_config = {"tasks": task_hashes, "limit": c.limit, "dtype": c.dtype, "protocol_version": PROTOCOL_VERSION}
     if c.if_stale and not failed:
         if out is not None:
-            from glmctl.artifacts import is_up_to_date
             if is_up_to_date(out, STAGE, stale_config, [model_dir]):
                 prev = load_results(out)
                 if not prev.get("failed"):
                     console.log(f"{out}: up to date (model {model_hash[:12]}, {len(tasks)} tasks)")
-                    return EvaluateResult(prev, out, skipped=True, gate_failures=check_gates(gates, prev))
+                    return EvaluateResult(out=out, status=UP_TO_DATE, results=prev,
+                                          gate_failures=check_gates(gates, prev))
         elif c.history is not None:
             done = {_history_key(r.get("model_manifest_sha256"), r.get("task_hash"), r.get("limit"), r.get("dtype"))
                     for r in read_history(Path(c.history)) if r.get("status") == "ok"}
@@ -327,29 +281,18 @@ def _run_locked(c: EvaluateConfig, out: Path | None, device: str, gates: list[Ga
                     console.log(f"{t.name}: up to date in {c.history}")
             tasks = keep
             if not tasks:
-                return EvaluateResult(None, None, skipped=True)
+                return EvaluateResult(status=UP_TO_DATE)
 
-    import torch
-    from glmctl.checkpoint import load_model
-    from glmctl.evaluation.runner import Evaluator
-    from glmctl.evaluation.scoring import RequestCache
-    tokenizer = _load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=c.dtype, device=device)
-    ids = model.config.special_token_ids()
-    _check_tokenizer(tokenizer, ids, model_dir)
+    session = open_model(model_dir, dtype=c.dtype, device=rt.device)
+    model = session.model
     cache = None
     if out is not None:
-        cache = RequestCache(cache_path(out, model_hash, c.dtype), write=_rank() == 0)
+        cache = RequestCache(cache_path(out, model_hash, c.dtype), write=rt.is_main)
         if cache.loaded:
             console.log(f"resuming: {cache.loaded} cached requests from {cache.path}")
-    _barrier()
-    delay = float(os.environ.get("GLMCTL_EVAL_BATCH_DELAY", "0") or 0)  # tests: make runs slow enough to kill
-    ev = Evaluator(model, tokenizer, ids, c.batch_size, cache, c.limit, c.show_progress and _rank() == 0,
-                   after_batch=(lambda: time.sleep(delay)) if delay > 0 else None)
-    q = model.config.quantization
-    precision = f"int{q['bits']}" if q else str(next(model.parameters()).dtype).replace("torch.", "")
-    console.log(f"evaluate: {model_dir} ({model.config.num_layers} layers, {precision}, TP={_tp_size()}) "
-                f"on {device}, {len(tasks)} tasks")
+    rt.barrier()
+    ev = Evaluator(model, session.tokenizer, session.ids, c.batch_size, cache, c.limit, c.show_progress and rt.is_main)
+    console.log(f"evaluate: {session.describe()}, {len(tasks)} tasks")
 
     outcomes, configs = [], {}
     for t in tasks:
@@ -368,23 +311,23 @@ def _run_locked(c: EvaluateConfig, out: Path | None, device: str, gates: list[Ga
     for name in failed:
         configs.setdefault(name, {"task": name, "error": failed[name]})
 
-    from glmctl import __version__
-    from glmctl.evaluation.results import build_results, main_metrics
     now = _dt.datetime.now(_dt.timezone.utc)
     run_config = {"model": "glmctl", "model_args": str(model_dir), "model_manifest_sha256": model_hash,
                   "batch_size": c.batch_size, "limit": c.limit, "dtype": c.dtype or "stored",
-                  "device": device, "tensor_parallel_size": _tp_size(),
+                  "device": str(rt.device), "tensor_parallel_size": tp.tp_size(),
                   "quantization": model.config.quantization}
     meta = {"date": now.timestamp(), "date_iso": now.isoformat(), "glmctl_version": __version__,
             "model_name": str(model_dir), "model_name_sanitized": _sanitize(str(model_dir)),
             "git_hash": None, "total_evaluation_time_seconds": str(round(time.time() - started, 3))}
     results = build_results(outcomes, failed, configs, task_hashes, run_config, meta)
-    res = EvaluateResult(results, out, failed=failed, failed_codes=failed_codes, resumed=cache.loaded if cache else 0)
-    res.gate_failures = check_gates(gates, results)
+    gate_failures = check_gates(gates, results)
+    res = EvaluateResult(out=out, status=FAILED_GATE if gate_failures else COMPLETE, results=results, failed=failed,
+                         failed_codes=failed_codes, gate_failures=gate_failures,
+                         resumed=cache.loaded if cache else 0)
 
-    if _rank() == 0:
+    if rt.is_main:
         if out is not None:
-            _write_artifact(out, results, outcomes, stale_config, model_dir, res)
+            _write_artifact(output, results, outcomes, stale_config, model_dir, res)
             if cache is not None and not failed:
                 cache.remove()
                 try:
@@ -408,45 +351,19 @@ def _run_locked(c: EvaluateConfig, out: Path | None, device: str, gates: list[Ga
             append_history(Path(c.history), recs)
     for msg in res.gate_failures:
         console.log(f"glmctl: gate: {msg}")
-    del model, ev, cache
-    import gc
+    del model, ev, cache, session
     gc.collect()
-    _barrier()
+    rt.barrier()
     return res
-
-
-def _tp_size() -> int:
-    from glmctl.model import parallel as tp
-    return tp.tp_size()
 
 
 def _sanitize(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "__" for ch in name)
 
 
-def _load_tokenizer(model_dir: Path):
-    try:
-        from glmctl.tokenizer import Tokenizer
-    except ImportError as e:  # pragma: no cover - the tokenizer module ships with glmctl
-        raise InputError(f"cannot load the tokenizer module ({e})") from None
-    return Tokenizer.load(model_dir)
-
-
-def _check_tokenizer(tokenizer, ids: dict, model_dir: Path) -> None:
-    special = getattr(tokenizer, "special_ids", None)
-    if not isinstance(special, dict):
-        return
-    for name in ("[MASK]", "[gMASK]", "sop", "eop"):
-        if name in special and special[name] != ids[name]:
-            console.warn(f"{model_dir}: tokenizer's {name} id {special[name]} differs from config.json's "
-                         f"{ids[name]}; using config.json's")
-
-
-def _write_artifact(out: Path, results: dict, outcomes, stale_config: dict, model_dir: Path, res) -> None:
-    from glmctl.artifacts import ArtifactWriter
-    from glmctl.evaluation.results import main_metrics
-    w = ArtifactWriter(out, stage=STAGE, config=stale_config, inputs=[model_dir])
-    with w:
+def _write_artifact(output: StageOutput, results: dict, outcomes, stale_config: dict, model_dir: Path,
+                    res) -> None:
+    with output.writer(stale_config, [model_dir]) as w:
         (w.path / "results.json").write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n",
                                              encoding="utf-8")
         with open(w.path / "samples.jsonl", "w", encoding="utf-8") as f:

@@ -1,9 +1,9 @@
-"""Quantize a native checkpoint to INT8/INT4 (spec §7.1) and report its quality against the parent.
+"""Quantize a native checkpoint to INT8/INT4 (docs/glm130b.md §7.1) and report its quality against the parent.
 
     run(QuantizeConfig(src="model", out="model-int4", bits=4, group_size=128, method="gptq",
                        calibration="tokens"))  -> QuantizeResult(report, gate_passed, ...)
 
-Format (DESIGN.md, kernels/reference.py): only the four linear weights of every layer are
+Format (docs/glm130b.md §7.1, kernels/reference.py): only the four linear weights of every layer are
 quantized; ``….weight`` becomes int8 (INT4: two per byte, even column in the high nibble) and
 ``….weight_scale`` (fp16) is one scale per output row, or per row and group of G input columns.
 Embeddings, LayerNorms and biases are copied unchanged (biases kept, unlike GLM-130B's
@@ -16,7 +16,7 @@ Choices:
   output reshards to TP without requantising (G = in/TP is GLM-130B's per-slice scale).
 * Scales are fp16, as GLM-130B stores them, unless a weight is too large for fp16 (|w| or the
   scale above 65504): then that checkpoint's scales are fp32 (recorded in the report).
-* Quality is measured on GLM's LM windows (spec §4.4, ``masks.lm_window``): per window the
+* Quality is measured on GLM's LM windows (docs/glm130b.md §4.4, ``masks.lm_window``): per window the
   first ``eval_prefix`` tokens are a bidirectional prefix, then [gMASK] <sop> and the rest of
   the window is scored causally; positions arange. Calibration windows have the same layout.
   Parent and quantized model see the same windows in the same compute dtype.
@@ -24,21 +24,27 @@ Choices:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from glmctl import console
+from glmctl import console, runtime
+from glmctl.checkpoint import model_from_state_dict, parse_dtype, save_model
+from glmctl.data import TokenDataset
 from glmctl.errors import InputError, UsageError
-from glmctl.gptq import LINEAR_NAMES
+from glmctl.gptq import LINEAR_NAMES, gptq_model
+from glmctl.kernels import quantize_rtn
+from glmctl.model.masks import lm_window
+from glmctl.session import open_model
+from glmctl.stage import COMPLETE, FAILED_GATE, StageOutput, StageResult
 
 METHODS = ("rtn", "gptq")
 FP16_MAX = 65504.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantizeConfig:
     src: str
     out: str | None = None  # None: only evaluate (with ``compare``), write nothing
@@ -48,7 +54,7 @@ class QuantizeConfig:
     calibration: str | None = None  # tokens artifact (Megatron .bin/.idx shards)
     eval: str | None = None  # tokens artifact for the report (default: held-out tail of calibration)
     max_ppl_increase: float | None = None  # percent; the quality gate
-    compare: list = field(default_factory=list)  # further variants, e.g. ["rtn", "rtn:g128", "int8"]
+    compare: tuple[str, ...] = ()  # further variants, e.g. ("rtn", "rtn:g128", "int8")
     seq_len: int | None = None  # window length (default min(512, max_sequence_length))
     eval_prefix: int | None = None  # bidirectional prefix per window (default seq_len // 4)
     calibration_samples: int = 128
@@ -59,6 +65,20 @@ class QuantizeConfig:
     act_order: bool = True  # measured: about half the KL of plain GPTQ at the same format (docs)
     dtype: str = "fp32"  # compute dtype for calibration and evaluation
     device: str | None = None  # default: cuda when available, else cpu
+    if_stale: bool = False
+    lock: str | None = None  # "auto": .<out>.lock beside OUT
+
+    def validate(self) -> None:
+        """Option checks that do not need the model (``resolve`` adds those that do)."""
+        if self.method.lower() not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}; choose rtn or gptq")
+        for name in ("calibration_samples", "eval_samples", "batch_size", "block_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.damp < 0:
+            raise UsageError(f"--damp must be >= 0, got {self.damp}")
+        if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
+            raise UsageError(f"--max-ppl-increase must be >= 0, got {self.max_ppl_increase}")
 
 
 @dataclass
@@ -76,11 +96,12 @@ class Variant:
 
 
 @dataclass
-class QuantizeResult:
-    report: dict
-    gate_passed: bool | None  # None: no gate
-    out: Path | None
-    skipped: bool = False  # --if-stale found it up to date
+class QuantizeResult(StageResult):
+    gate_passed: bool | None = None  # None: no gate
+
+    @property
+    def report(self) -> dict:
+        return self.summary
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -124,7 +145,6 @@ def linear_keys(cfg) -> list[str]:
 def open_windows(path: str | Path, width: int):
     """Non-overlapping windows of ``width`` tokens of a tokens artifact (or Megatron prefix), in
     storage order (glmctl.data.TokenWindows; windows never cross a shard boundary)."""
-    from glmctl.data import TokenDataset
     return TokenDataset.open(path).windows(width, stride=width)
 
 
@@ -153,7 +173,6 @@ class Windows:
 
 def make_windows(windows, slots, seq_len: int, prefix: int, cfg, source: str) -> Windows:
     """GLM LM inputs (``masks.lm_window``) from the token windows with storage indices ``slots``."""
-    from glmctl.model.masks import lm_window
     rows, tgts = [], []
     for i in slots:
         seg = np.asarray(windows[i]).astype(np.int64)
@@ -219,8 +238,7 @@ def choose_scale_dtype(sd: dict, keys: list[str], bits: int) -> torch.dtype:
 
 
 def quantize_rtn_state_dict(sd: dict, keys: list[str], v: Variant, scale_dtype) -> dict:
-    """{weight key: (qweight, scale)} by round-to-nearest (spec §7.1)."""
-    from glmctl.kernels import quantize_rtn
+    """{weight key: (qweight, scale)} by round-to-nearest (docs/glm130b.md §7.1)."""
     out = {}
     for k in keys:
         w = sd[k]
@@ -228,15 +246,6 @@ def quantize_rtn_state_dict(sd: dict, keys: list[str], v: Variant, scale_dtype) 
         w = w.to(torch.float16) if scale_dtype == torch.float16 else w.to(torch.float32)
         out[k] = quantize_rtn(w, v.bits, v.group_size, scale_dtype=scale_dtype)
     return out
-
-
-def build(cfg, sd: dict, dtype, device):
-    """A GLM from a state dict: float tensors in ``dtype`` except scales, which keep theirs."""
-    from glmctl.checkpoint import build_model
-    model = build_model(cfg, dtype=dtype, device="meta")
-    sd = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("_scale") else v) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device).eval()
 
 
 def quantized_state_dict(sd: dict, q: dict) -> dict:
@@ -252,9 +261,8 @@ def quantize_variant(v: Variant, cfg, sd: dict, calib: Windows | None, c: Quanti
     keys = linear_keys(cfg)
     if v.method == "rtn":
         return quantize_rtn_state_dict(sd, keys, v, scale_dtype)
-    from glmctl.gptq import gptq_model
     # gptq_model overwrites the model's weights in place: never let them share storage with ``sd``.
-    model = build(cfg, {k: v.clone() for k, v in sd.items()}, dtype, device)
+    model = model_from_state_dict(cfg, {k: v.clone() for k, v in sd.items()}, dtype, device)
     total = len(keys)
     with console.progress(total, f"gptq {v.name}", "matrices") as bar:
         res = gptq_model(model, [b[:3] for b in calib.batches(c.batch_size, device)], v.bits, v.group_size,
@@ -302,9 +310,8 @@ def evaluate(parent, variants: list, windows: Windows, batch_size: int, device) 
 
 # ---- the stage ------------------------------------------------------------------------------
 def resolve(c: QuantizeConfig, cfg) -> QuantizeConfig:
-    """Fill defaults that depend on the model, and check the options (UsageError on bad ones)."""
-    from dataclasses import replace
-    c = replace(c, method=c.method.lower(), compare=list(c.compare or []))
+    """Fill defaults that depend on the model, and check the options that do (UsageError)."""
+    c = replace(c, method=c.method.lower(), compare=tuple(c.compare or ()))
     check_variant(Variant(c.bits, c.method, c.group_size), cfg, f"--bits {c.bits} --method {c.method}"
                   + (f" --group-size {c.group_size}" if c.group_size else ""))
     seq_len = c.seq_len or min(512, cfg.max_sequence_length)
@@ -314,32 +321,29 @@ def resolve(c: QuantizeConfig, cfg) -> QuantizeConfig:
     prefix = seq_len // 4 if c.eval_prefix is None else c.eval_prefix
     if not 0 <= prefix <= seq_len - 3:
         raise UsageError(f"--eval-prefix {prefix}: must be between 0 and seq_len - 3 = {seq_len - 3}")
-    for name in ("calibration_samples", "eval_samples", "batch_size", "block_size"):
-        if getattr(c, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
-    if c.damp < 0:
-        raise UsageError(f"--damp must be >= 0, got {c.damp}")
-    if c.max_ppl_increase is not None and c.max_ppl_increase < 0:
-        raise UsageError(f"--max-ppl-increase must be >= 0, got {c.max_ppl_increase}")
     return replace(c, seq_len=seq_len, eval_prefix=prefix)
 
 
 def run_config(c: QuantizeConfig) -> dict:
     """What goes into the manifest as the stage's config (and decides --if-stale)."""
     d = asdict(c)
-    for k in ("src", "out", "device"):
+    for k in ("src", "out", "device", "if_stale", "lock"):
         d.pop(k)
+    d["compare"] = list(d["compare"])
     return d
 
 
-def run(c: QuantizeConfig, if_stale: bool = False) -> QuantizeResult:
-    from glmctl.artifacts import input_entry, is_up_to_date, read_manifest
-    from glmctl.checkpoint import parse_dtype, read_state_dict, save_model
-    from glmctl.config import ModelConfig
+def run(c: QuantizeConfig) -> QuantizeResult:
+    c.validate()
+    with StageOutput("quantize", c.out, lock=c.lock, if_stale=c.if_stale) as output:
+        return _run(c, output)
 
+
+def _run(c: QuantizeConfig, output: StageOutput) -> QuantizeResult:
     src = Path(c.src)
-    read_manifest(src)
-    cfg0 = ModelConfig.load(src)
+    device = runtime.resolve_device(c.device)
+    parent = open_model(src, device="cpu", need_tokenizer=False)  # as stored, merged to TP=1 in one process
+    cfg0 = parent.config
     if cfg0.quantization:
         q = cfg0.quantization
         raise InputError(f"{src}: already quantized (int{q.get('bits')} {q.get('method', 'rtn')}); "
@@ -364,16 +368,14 @@ def run(c: QuantizeConfig, if_stale: bool = False) -> QuantizeResult:
     out_cfg = cfg0.replace(quantization=qblock, tensor_parallel_size=1)
     inputs = [str(p) for p in (c.src, c.calibration, c.eval) if p is not None]
     stage_cfg = {"quantize": run_config(c)}
-    if if_stale and c.out is not None and is_up_to_date(c.out, "quantize", {"model": out_cfg.to_dict(), **stage_cfg},
-                                                        inputs):
-        m = read_manifest(c.out)
-        console.log(f"{c.out}: up to date")
-        report = m.get("summary", {}).get("quantize", {})
+    if c.out is not None and output.up_to_date({"model": out_cfg.to_dict(), **stage_cfg}, inputs):
+        report = output.result.summary.get("quantize", {})
         gate = report.get("gate")
-        return QuantizeResult(report, None if gate is None else gate.get("passed"), Path(c.out), skipped=True)
+        return QuantizeResult(summary=report, out=output.out, status=output.result.status,
+                              gate_passed=None if gate is None else gate.get("passed"))
 
-    device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(c.dtype)
+    stored = parent.dtype
     if cfg0.tensor_parallel_size > 1:
         console.log(f"{src}: stored at TP={cfg0.tensor_parallel_size}; quantizing the merged (TP=1) matrices, "
                     "output at TP=1")
@@ -384,8 +386,9 @@ def run(c: QuantizeConfig, if_stale: bool = False) -> QuantizeResult:
     if evals is None:
         console.warn("no evaluation tokens (--eval / --calibration): writing the artifact without a quality report")
 
-    console.log(f"{src}: loading ({cfg0.num_parameters():,} parameters)")
-    cfg, sd = read_state_dict(src, 1, 0)
+    cfg = cfg0.replace(tensor_parallel_size=1)
+    sd = parent.model.state_dict()
+    del parent
     keys = linear_keys(cfg)
     scale_dtype = choose_scale_dtype(sd, keys, main.bits)
     if scale_dtype != torch.float16:
@@ -407,10 +410,11 @@ def run(c: QuantizeConfig, if_stale: bool = False) -> QuantizeResult:
     gate_passed = None
     if evals is not None:
         console.log(f"evaluating on {len(evals.tokens)} windows of {c.seq_len} tokens from {evals.source}")
-        parent = build(cfg, sd, dtype, device)
-        qmodels = [build(cfg.replace(quantization=v.block()), quantized[v.name], dtype, device) for v in variants]
-        parent_row, rows = evaluate(parent, qmodels, evals, c.batch_size, device)
-        del parent, qmodels
+        parent_model = model_from_state_dict(cfg, sd, dtype, device)
+        qmodels = [model_from_state_dict(cfg.replace(quantization=v.block()), quantized[v.name], dtype, device)
+                   for v in variants]
+        parent_row, rows = evaluate(parent_model, qmodels, evals, c.batch_size, device)
+        del parent_model, qmodels
         report["eval"] = {"source": evals.source, "windows": len(evals.tokens), "seq_len": c.seq_len,
                           "prefix": c.eval_prefix, "scored_tokens": parent_row["tokens"],
                           "layout": "lm_window: prefix (bidirectional) + [gMASK] <sop> + scored text"}
@@ -425,13 +429,14 @@ def run(c: QuantizeConfig, if_stale: bool = False) -> QuantizeResult:
     elif calib is not None:
         report["calibration"] = {"source": calib.source, "windows": len(calib.tokens), "seq_len": c.seq_len}
 
+    status = FAILED_GATE if gate_passed is False else COMPLETE
     if c.out is not None:
-        model = build(out_cfg, quantized[main.name], next(v.dtype for k, v in sd.items()
-                                                           if v.is_floating_point() and k not in keys), "cpu")
+        model = model_from_state_dict(out_cfg, quantized[main.name], stored, "cpu")
         save_model(model, c.out, tokenizer=src, stage="quantize", config_extra=stage_cfg, inputs=inputs,
-                   summary={"quantize": report}, status="failed-gate" if gate_passed is False else "complete")
+                   summary={"quantize": report}, status=status)
         console.log(f"wrote {c.out}" + (" (marked failed-gate)" if gate_passed is False else ""))
-    return QuantizeResult(report, gate_passed, None if c.out is None else Path(c.out))
+    return QuantizeResult(summary=report, out=None if c.out is None else Path(c.out), status=status,
+                          gate_passed=gate_passed)
 
 
 def _nbytes(sd: dict, keys: list[str]) -> int:

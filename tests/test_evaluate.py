@@ -434,9 +434,8 @@ def test_resume_after_kill(model_dir, tmp_path):
     (tmp_path / "mc.yaml").write_text("name: mc\ntype: mul\npath: mc\n")
     args = ["evaluate", str(model_dir), str(tmp_path / "mc.yaml"), "--data-path", str(tmp_path / "data"),
             "--batch-size", "1"]
-    exe = Path(sys.executable).parent / "glmctl"
-    env = dict(os.environ, GLMCTL_EVAL_BATCH_DELAY="0.4")
-    p = subprocess.Popen([str(exe), *args, "--out", str(tmp_path / "ev")], env=env,
+    slow = Path(__file__).parent / "scripts" / "slow_evaluate.py"
+    p = subprocess.Popen([sys.executable, str(slow), "0.4", *args, "--out", str(tmp_path / "ev")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cache = None
     deadline = time.monotonic() + 120

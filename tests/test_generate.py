@@ -18,6 +18,7 @@ from glmctl.checkpoint import load_model, save_model
 from glmctl.config import get_preset
 from glmctl.generation import GenerationConfig, fill
 from glmctl.model import GLM
+from glmctl.blanks import TextStream, encode_prompt
 from glmctl.stages import generate as stage
 
 TEXT = ["The quick brown fox jumps over the lazy dog.", "Tsinghua University is in Beijing, China.",
@@ -83,7 +84,7 @@ def direct(ckpt, tok, text, gen):
     """The expected completion from the library: encode the pieces around the masks, fill()."""
     model = load_model(ckpt)
     ids = model.config.special_token_ids()
-    toks = stage.encode_prompt(text, tok, ids, "test")
+    toks = encode_prompt(text, tok, ids, "test")
     final, spans = fill(model, toks, ids, gen)
     return tok.decode(final), [(tok.decode(s)) for _, s in spans]
 
@@ -254,7 +255,7 @@ def test_text_stream_never_splits_multibyte_characters(tok):
     ids = tok.encode(text, allow_special=False)
     assert any(tok.id_to_piece(i).startswith("<0x") for i in ids)
     writes = []
-    ts = stage.TextStream(tok.decode, writes.append)
+    ts = TextStream(tok.decode, writes.append)
     for k in range(1, len(ids) + 1):
         ts.update(ids[:k])
     ts.update(ids, final=True)

@@ -8,6 +8,11 @@ import typer
 from typer.core import TyperCommand
 
 from glmctl.cli import EXIT_CODES_HELP
+from glmctl.console import emit_json, parse_duration, print_table, stdout_is_tty
+from glmctl.errors import UsageError
+from glmctl.evaluation.results import table_rows
+from glmctl.runtime import is_main_process
+from glmctl.stages.evaluate import EvaluateConfig as C, load_results, run
 
 EPILOG = ("Examples:\n\n"
           "  glmctl evaluate model builtin --out eval/fp\n\n"
@@ -54,7 +59,7 @@ def evaluate_cmd(
                                              "relative to (default: each YAML's own folder)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N examples per data file (LM: N "
                                         "documents); for quick checks."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Requests per forward pass. Scores do not "
+    batch_size: int = typer.Option(C.batch_size, "--batch-size", "-b", help="Requests per forward pass. Scores do not "
                                    "depend on it."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: as stored)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
@@ -76,27 +81,19 @@ def evaluate_cmd(
                                            "folder): print its values and the difference side by side."),
 ):
     """Evaluate a checkpoint on GLM-130B-format tasks; write lm-eval-compatible results.json."""
-    from glmctl.console import emit_json, parse_duration, print_table, stdout_is_tty
-    from glmctl.errors import UsageError
-    from glmctl.evaluation.results import table_rows
-    from glmctl.stages.evaluate import EvaluateConfig, load_results, run
     try:
         timeout = parse_duration(lock_timeout)
     except ValueError as e:
         raise UsageError(f"--lock-timeout: {e}") from None
     other = load_results(compare) if compare is not None else None
-    res = run(EvaluateConfig(model=str(model), tasks=list(tasks), out=str(out) if out else None,
+    res = run(C(model=str(model), tasks=tuple(tasks), out=str(out) if out else None,
                              data_path=str(data_path) if data_path else None, limit=limit, batch_size=batch_size,
                              dtype=dtype, device=device, lock=lock, lock_timeout=timeout,
                              history=str(history) if history else None, if_stale=if_stale,
-                             fail_below=list(fail_below), fail_above=list(fail_above)))
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        rank = dist.get_rank()
-        dist.destroy_process_group()
-        if rank != 0:
-            res.raise_for_status()
-            return
+                             fail_below=tuple(fail_below), fail_above=tuple(fail_above)))
+    if not is_main_process():
+        res.raise_for_status()
+        return
     if json_out:
         doc = dict(res.results or {})
         doc["glmctl"] = {"status": "up-to-date" if res.skipped else ("failed" if res.failed else "complete"),

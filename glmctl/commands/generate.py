@@ -7,6 +7,8 @@ from typing import List, Optional
 import typer
 
 from glmctl.cli import EXIT_CODES_HELP
+from glmctl.generation import GenerationConfig as G
+from glmctl.stages.generate import GenerateConfig as C, run
 
 EPILOG = (
     "Examples:\n\n"
@@ -33,31 +35,31 @@ def generate_cmd(
                                                              "on a terminal."),
     input: Optional[str] = typer.Option(None, "--input", "-i", help="Prompt file: one prompt per line, or JSON lines "
                                                                     "{\"id\": ..., \"prompt\": ...}; - for stdin."),
-    input_format: str = typer.Option("auto", "--input-format",
+    input_format: str = typer.Option(C.input_format, "--input-format",
                                      help="auto (JSON lines if the file ends in .jsonl or starts with '{'), "
                                           "text or jsonl."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Write results as JSON lines here (atomically), in input order."),
-    format: str = typer.Option("auto", "--format",
+    format: str = typer.Option(C.format, "--format",
                                help="stdout format: text or jsonl (auto: jsonl for --input/stdin, text for "
                                     "prompt arguments)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens generated per blank, at most."),
-    strategy: str = typer.Option("greedy", "--strategy", help="greedy, sample or beam."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature."),
-    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0: off)."),
-    top_p: float = typer.Option(0.0, "--top-p", help="Nucleus sampling: smallest set with probability >= p "
+    max_new_tokens: int = typer.Option(G.max_new_tokens, "--max-new-tokens", "-n", help="Tokens generated per blank, at most."),
+    strategy: str = typer.Option(G.strategy, "--strategy", help="greedy, sample or beam."),
+    temperature: float = typer.Option(G.temperature, "--temperature", help="Sampling temperature."),
+    top_k: int = typer.Option(G.top_k, "--top-k", help="Sample from the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(G.top_p, "--top-p", help="Nucleus sampling: smallest set with probability >= p "
                                                      "(0: off; GLM-130B's default is 0.7)."),
-    num_beams: int = typer.Option(4, "--num-beams", help="Beam search: number of beams."),
-    length_penalty: float = typer.Option(1.0, "--length-penalty",
+    num_beams: int = typer.Option(G.num_beams, "--num-beams", help="Beam search: number of beams."),
+    length_penalty: float = typer.Option(G.length_penalty, "--length-penalty",
                                          help="Beam search: score / ((5 + length) / 6) ** X (length counts "
                                               "the context, as GLM-130B)."),
-    no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size",
+    no_repeat_ngram_size: int = typer.Option(G.no_repeat_ngram_size, "--no-repeat-ngram-size",
                                              help="Never repeat an n-gram within a blank (0: off)."),
-    min_new_tokens: int = typer.Option(0, "--min-new-tokens", help="End tokens are banned until this many tokens "
+    min_new_tokens: int = typer.Option(G.min_new_tokens, "--min-new-tokens", help="End tokens are banned until this many tokens "
                                                                    "were generated per blank."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (each prompt derives its own stream "
                                                             "from it, so batching does not change results)."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Prompts decoded together."),
+    batch_size: int = typer.Option(C.batch_size, "--batch-size", "-b", help="Prompts decoded together."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
                                           help="Print tokens as they are produced (default: on a terminal; "
                                                "text output only, one prompt at a time)."),
@@ -69,15 +71,12 @@ def generate_cmd(
                                              help="Tokenizer directory (default: the checkpoint's copy)."),
 ):
     """Fill blanks ([MASK], [sMASK]) and continue text ([gMASK]) with a GLM model."""
-    from glmctl.generation import GenerationConfig
-    from glmctl.stages import generate as stage
-
-    gen = GenerationConfig(strategy=strategy, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+    gen = G(strategy=strategy, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
                            no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens, seed=seed)
-    cfg = stage.GenerateConfig(
-        model=str(model), prompts=list(prompts or []), input=input, input_format=input_format,
+    cfg = C(
+        model=str(model), prompts=tuple(prompts or ()), input=input, input_format=input_format,
         output=None if output is None else str(output), format=format, json=json_out, stream=stream,
         batch_size=batch_size, dtype=dtype, device=device, tokenizer=None if tokenizer is None else str(tokenizer),
         generation=gen)
-    stage.run(cfg)
+    run(cfg)

@@ -7,6 +7,9 @@ from typing import List, Optional
 import typer
 
 from glmctl.cli import EXIT_CODES_HELP
+from glmctl.console import emit_json, print_table
+from glmctl.errors import GateFailed
+from glmctl.stages.quantize import REPORT_COLUMNS, QuantizeConfig as C, report_rows, run
 
 EPILOG = (
     "Examples:\n\n"
@@ -25,11 +28,11 @@ def register(app: typer.Typer) -> None:
 def quantize_cmd(
     src: Path = typer.Argument(..., help="Floating-point native checkpoint."),
     out: Path = typer.Argument(..., help="Output checkpoint directory (written atomically)."),
-    bits: int = typer.Option(4, "--bits", help="Weight bits: 8 or 4."),
+    bits: int = typer.Option(C.bits, "--bits", help="Weight bits: 8 or 4."),
     group_size: Optional[int] = typer.Option(None, "--group-size",
                                              help="One scale per row and group of G input columns "
                                                   "(default: one per row, GLM-130B's scheme)."),
-    method: str = typer.Option("rtn", "--method", help="rtn (round to nearest) or gptq (error-compensating, "
+    method: str = typer.Option(C.method, "--method", help="rtn (round to nearest) or gptq (error-compensating, "
                                                         "needs --calibration)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration",
                                                help="Tokens directory for GPTQ (its tail is held out for the "
@@ -45,49 +48,41 @@ def quantize_cmd(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default min(512, max length))."),
     eval_prefix: Optional[int] = typer.Option(None, "--eval-prefix",
                                               help="Bidirectional prefix tokens per window (default seq_len/4)."),
-    calibration_samples: int = typer.Option(128, "--calibration-samples", help="Calibration windows for GPTQ."),
-    eval_samples: int = typer.Option(64, "--eval-samples", help="Evaluation windows."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
-    damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal."),
-    block_size: int = typer.Option(128, "--block-size", help="GPTQ lazy-update block (columns)."),
-    act_order: bool = typer.Option(True, "--act-order/--no-act-order",
+    calibration_samples: int = typer.Option(C.calibration_samples, "--calibration-samples", help="Calibration windows for GPTQ."),
+    eval_samples: int = typer.Option(C.eval_samples, "--eval-samples", help="Evaluation windows."),
+    batch_size: int = typer.Option(C.batch_size, "--batch-size", help="Windows per forward pass."),
+    damp: float = typer.Option(C.damp, "--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal."),
+    block_size: int = typer.Option(C.block_size, "--block-size", help="GPTQ lazy-update block (columns)."),
+    act_order: bool = typer.Option(C.act_order, "--act-order/--no-act-order",
                                    help="GPTQ: visit columns by decreasing Hessian diagonal, group scales fixed up front [default: on]."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Compute dtype for calibration and evaluation."),
+    dtype: str = typer.Option(C.dtype, "--dtype", help="Compute dtype for calibration and evaluation."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     if_stale: bool = typer.Option(False, "--if-stale", help="Do nothing when OUT was made from the same inputs "
                                                             "and options."),
-    lock: bool = typer.Option(False, "--lock", help="Hold OUT.lock while running (exit 75 if another run holds it)."),
+    lock: bool = typer.Option(False, "--lock", help="Hold .OUT.lock beside OUT while running (exit 75 if another "
+                                                    "run holds it)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON document."),
 ):
     """Quantize a checkpoint to INT8/INT4 and report its quality against the parent."""
-    import contextlib
-
-    from glmctl.artifacts import file_lock
-    from glmctl.console import emit_json, print_table
-    from glmctl.errors import GateFailed
-    from glmctl.stages import quantize as stage
-
     specs = [s for item in (compare or []) for s in item.split(",") if s.strip()]
-    cfg = stage.QuantizeConfig(
+    cfg = C(
         src=str(src), out=str(out), bits=bits, group_size=group_size, method=method,
         calibration=None if calibration is None else str(calibration),
-        eval=None if eval_tokens is None else str(eval_tokens), max_ppl_increase=max_ppl_increase, compare=specs,
+        eval=None if eval_tokens is None else str(eval_tokens), max_ppl_increase=max_ppl_increase, compare=tuple(specs),
         seq_len=seq_len, eval_prefix=eval_prefix, calibration_samples=calibration_samples,
         eval_samples=eval_samples, batch_size=batch_size, damp=damp, block_size=block_size, act_order=act_order,
-        dtype=dtype, device=device)
-    guard = file_lock(out.with_name(out.name + ".lock")) if lock else contextlib.nullcontext()
-    with guard:
-        result = stage.run(cfg, if_stale=if_stale)
+        dtype=dtype, device=device, if_stale=if_stale, lock="auto" if lock else None)
+    result = run(cfg)
     report = result.report
     if json_out:
         emit_json({"status": "failed-gate" if result.gate_passed is False else "complete",
-                   "skipped": result.skipped, **report})
+                   "skipped": result.up_to_date, **report})
     else:
-        rows = stage.report_rows(report)
+        rows = report_rows(report)
         if rows:
             ev = report["eval"]
             print_table(f"{out}: quality on {ev['scored_tokens']} tokens ({ev['windows']} windows of "
-                        f"{ev['seq_len']}) from {ev['source']}", stage.REPORT_COLUMNS, rows)
+                        f"{ev['seq_len']}) from {ev['source']}", REPORT_COLUMNS, rows)
         else:
             print(f"{out}: written without a quality report (no evaluation tokens)")
         if report.get("gate"):

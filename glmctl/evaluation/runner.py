@@ -117,17 +117,14 @@ def higher_is_better(metric_key: str) -> bool:
 
 # ---- the evaluator ------------------------------------------------------------------------
 class Evaluator:
-    """Runs tasks against one loaded model. ``cache`` makes interrupted runs resumable;
-    ``after_batch`` is called after every scored batch (tests slow runs down with it)."""
+    """Runs tasks against one loaded model. ``cache`` makes interrupted runs resumable."""
 
     def __init__(self, model, tokenizer, ids: dict[str, int], batch_size: int = 8,
-                 cache: RequestCache | None = None, limit: int | None = None, show_progress: bool = True,
-                 after_batch=None):
+                 cache: RequestCache | None = None, limit: int | None = None, show_progress: bool = True):
         self.model, self.tok, self.ids = model, tokenizer, ids
         self.batch_size = max(1, int(batch_size))
         self.cache, self.limit = cache, limit
         self.show_progress = show_progress
-        self.after_batch = after_batch
         self.model_max_len = model.config.max_sequence_length
         self._special = {ids[k] for k in ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "eod") if k in ids}
 
@@ -147,7 +144,7 @@ class Evaluator:
     def _score(self, reqs: list[Request], desc: str):
         with self._progress(len(reqs), desc) as bar:
             return score_requests(self.model, reqs, self.batch_size, self.cache, bar,
-                                  pad_id=self.ids.get("pad", 0), after_batch=self.after_batch)
+                                  pad_id=self.ids.get("pad", 0))
 
     def run_task(self, task: TaskConfig) -> TaskOutcome:
         outcome = TaskOutcome(task)
@@ -310,8 +307,6 @@ class Evaluator:
                     if self.cache is not None:
                         self.cache.flush()
                     bar.update(len(chunk))
-                    if self.after_batch is not None:
-                        self.after_batch()
         return out
 
     def _generation(self, task, groups, outcome):

@@ -235,7 +235,7 @@ def run_batch(model, batch: list[Request], pad_id: int = 0) -> list[list[tuple[f
 
 
 def score_requests(model, requests: list[Request], batch_size: int, cache: RequestCache | None = None,
-                   progress=None, pad_id: int = 0, after_batch=None) -> list[list[tuple[float, bool]]]:
+                   progress=None, pad_id: int = 0) -> list[list[tuple[float, bool]]]:
     """Score all requests (cached ones are not recomputed), longest first, in batches of at most
     ``batch_size`` requests that share a padded length. Returns results in request order."""
     results: list = [None] * len(requests)
@@ -263,6 +263,4 @@ def score_requests(model, requests: list[Request], batch_size: int, cache: Reque
                 cache.flush()
             if progress is not None:
                 progress.update(len(chunk))
-            if after_batch is not None:
-                after_batch()
     return results
