@@ -27,11 +27,18 @@ if sys.path and sys.path[0] and __file__.startswith(sys.path[0]):
 import argparse
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import sentencepiece as spm
+
+from glmctl import console
+from glmctl.stages.tokenize import TokenizeConfig, run
 
 
 def load_docs(corpus: Path) -> list[str]:
@@ -64,7 +71,6 @@ def write_input(docs: list[str], size: int, folder: Path, files: int = 4) -> tup
 
 def cpu_times() -> tuple[float, float]:
     """CPU seconds (user + system) of this process and of its finished children (the workers)."""
-    import resource
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
@@ -77,10 +83,9 @@ def bench_sentencepiece(sp, docs: list[str], return_type) -> tuple[float, int]:
 
 
 def bench_glmctl(folder: Path, tokenizer: str, out: Path, workers: int) -> tuple[float, dict]:
-    from glmctl.stages.tokenize import TokenizeConfig, run
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    s = run(TokenizeConfig(inputs=(str(folder),), tokenizer=tokenizer, out=str(out), workers=workers))
+    s = run(TokenizeConfig(inputs=(str(folder),), tokenizer=tokenizer, out=str(out), workers=workers)).summary
     return time.perf_counter() - t, s
 
 
@@ -117,9 +122,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     os.environ.setdefault("GLMCTL_PROGRESS_INTERVAL", "1000")
-    import torch  # noqa: F401 - the manifest records torch's version; keep its import out of the timings
-    import sentencepiece as spm
-    from glmctl import console
+    # the manifest records torch's version: import it before the timings, but not for --help (slow)
+    import torch  # noqa: F401
     console.set_quiet(True)
     sp = spm.SentencePieceProcessor(model_file=str(Path(a.tokenizer) / "tokenizer.model"))
     tmp = Path(tempfile.mkdtemp(prefix="glmctl-bench-"))
@@ -140,7 +144,6 @@ def main() -> None:
                 used = (c1[0] - c0[0], c1[1] - c0[1])
                 cpu[name] = min(cpu.get(name, used), used, key=sum)
                 tokens[name] = extra if isinstance(extra, int) else extra["tokens"] - extra["documents"]  # no eod
-        import statistics
         best = {k: statistics.median(v) for k, v in times.items()}  # the median resists a lucky or unlucky run
         base = min(best["sentencepiece (int lists)"], best["sentencepiece (numpy)"])
         rows = []

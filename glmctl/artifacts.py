@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from glmctl import __version__
 from glmctl.errors import InputError, LockHeld
 
 SCHEMA_VERSION = 1
@@ -176,9 +177,12 @@ class ArtifactWriter:
     """Build an artifact directory atomically; manifest.json is written last."""
 
     def __init__(self, out: str | Path, stage: str, config: dict, inputs: list | None = None,
-                 argv: list[str] | None = None, hash_outputs: bool = True, staging: str | Path | None = None):
-        """``staging``: adopt a directory built elsewhere (e.g. by every tensor-parallel rank)
-        instead of making a fresh temporary one; ``finish`` moves it into place."""
+                 argv: list[str] | None = None, hash_outputs: bool = True, staging: str | Path | None = None,
+                 started: _dt.datetime | None = None):
+        """``staging``: adopt a directory built elsewhere (by every tensor-parallel rank, or kept
+        across resumed runs) instead of making a fresh temporary one; ``finish`` moves it into
+        place, and a failure leaves it where it is. ``started``: when the work began (default:
+        when this command started)."""
         self.out = Path(out)
         self.stage = stage
         self.config = config
@@ -189,7 +193,7 @@ class ArtifactWriter:
         self.status = "complete"
         self.adopted = staging is not None
         self.path = Path(staging) if staging is not None else self.out.with_name(f".{self.out.name}.tmp{os.getpid()}")
-        self.started = RUN_STARTED or _dt.datetime.now(_dt.timezone.utc)
+        self.started = started or RUN_STARTED or _dt.datetime.now(_dt.timezone.utc)
 
     def __enter__(self):
         if not self.adopted:
@@ -200,7 +204,8 @@ class ArtifactWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
+            if not self.adopted:
+                shutil.rmtree(self.path, ignore_errors=True)
             return False
         self.finish()
         return False
@@ -211,7 +216,6 @@ class ArtifactWriter:
             if p.is_file() and p.name != MANIFEST:
                 outputs.append(file_entry(p, self.path) if self.hash_outputs
                                else {"path": str(p.relative_to(self.path)), "size": p.stat().st_size})
-        from glmctl import __version__
         return {
             "schema_version": SCHEMA_VERSION,
             "stage": self.stage,

