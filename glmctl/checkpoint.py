@@ -23,7 +23,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from glmctl.artifacts import ArtifactWriter, read_manifest, replace_dir, atomic_write_json
+from glmctl.artifacts import ArtifactWriter, atomic_write_json, read_manifest
 from glmctl import tp_layout
 from glmctl.config import ModelConfig
 from glmctl.errors import InputError

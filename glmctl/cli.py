@@ -6,6 +6,7 @@ flag > ``GLMCTL_<COMMAND>_<OPTION>`` environment variable > ``--config`` YAML > 
 """
 from __future__ import annotations
 
+import datetime as _dt
 import importlib
 import os
 import sys
@@ -13,8 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import yaml
 
-from glmctl import __version__
+from glmctl import __version__, artifacts
 from glmctl.errors import EXIT_FAILURE, EXIT_USAGE, GlmctlError
 
 EXIT_CODES_HELP = ("Exit codes: 0 success (or up to date), 1 failure, 2 usage error, "
@@ -44,7 +46,6 @@ def _version(value: bool):
 
 
 def _load_config_file(path: Path) -> dict:
-    import yaml
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -93,8 +94,6 @@ _register_commands()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected failures print one line and exit with their code."""
-    import datetime as _dt
-    from glmctl import artifacts
     artifacts.RUN_STARTED = _dt.datetime.now(_dt.timezone.utc)
     argv = sys.argv[1:] if argv is None else argv
     if not argv:  # `glmctl` alone: the stages in pipeline order, on stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -91,9 +92,9 @@ class Progress:
         self.enabled = enabled and not _quiet
         self._rich = None
         if self.enabled and stderr_is_tty():
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RP, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
             from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RP
             self._rich = RP(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                             console=Console(file=sys.stderr), transient=False)
@@ -171,7 +172,6 @@ def human_bytes(n: float) -> str:
 
 def parse_duration(text: str) -> float:
     """'90', '90s', '10m', '2h', '1h30m' -> seconds."""
-    import re
     s = str(text).strip().lower()
     if re.fullmatch(r"[\d.]+", s):
         return float(s)

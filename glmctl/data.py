@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from glmctl.artifacts import read_manifest
 from glmctl.errors import InputError
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -120,7 +121,6 @@ class TokenDataset:
             return cls([IndexedDataset(p) for p in path])
         p = Path(path)
         if p.is_dir():
-            from glmctl.artifacts import read_manifest
             m = read_manifest(p, stage="tokenize")
             summ = m.get("summary", {})
             shards = [IndexedDataset(p / s["name"]) for s in summ.get("shards", [])]

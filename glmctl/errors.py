@@ -1,6 +1,6 @@
 """Errors that the CLI turns into one line on stderr and a documented exit code.
 
-Exit codes (DESIGN.md): 0 success or up to date, 1 failure, 2 usage error,
+Exit codes (docs/architecture.md): 0 success or up to date, 1 failure, 2 usage error,
 3 invalid or incomplete input artifact, 75 lock held by another run.
 Stages may define further codes; they are listed in each command's --help.
 """
@@ -12,6 +12,9 @@ EXIT_BAD_INPUT = 3
 EXIT_INTERRUPTED = 4  # pretrain: stopped by a signal or --max-wall-time after saving a checkpoint
 EXIT_GATE = 5  # a quality gate (--max-ppl-increase, --fail-below) tripped; the artifact is kept
 EXIT_LOCKED = 75
+
+EXIT_CODES_HELP = ("Exit codes: 0 success (or up to date), 1 failure, 2 usage error, "
+                   "3 invalid or incomplete input, 75 lock held by another run.")
 
 
 class GlmctlError(Exception):

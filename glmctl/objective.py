@@ -28,6 +28,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from glmctl.model.masks import build_mask
 
 MASK, GMASK, MIP = "mask", "gmask", "mip"
 KIND_CODES = {MASK: 0, GMASK: 1, MIP: 2}
@@ -323,8 +326,6 @@ def sample_rng(seed: int, index: int) -> np.random.Generator:
 def collate(seqs: list[Sequence], device=None) -> dict:
     """Tensors for a micro-batch: tokens, positions, targets [b, L] int64; loss_mask [b, L] bool;
     attention_mask [b, 1, L, L] bool (True = blocked)."""
-    import torch
-    from glmctl.model.masks import build_mask
 
     def stack(name, dtype):
         return torch.from_numpy(np.stack([getattr(s, name) for s in seqs])).to(device=device, dtype=dtype)

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from glmctl.config import ModelConfig
 from glmctl import tp_layout
+from glmctl.config import ModelConfig
+from glmctl.model import GLM
 
 GiB = 2**30
 
 
 def meta_state(cfg: ModelConfig, bits: int | None, group_size: int | None = None, dtype=torch.float16) -> dict:
     """{name: (global shape, dtype)} of the model at TP=1, built on the meta device."""
-    from glmctl.model import GLM
     q = {"bits": bits, "group_size": group_size, "method": "rtn"} if bits in (4, 8) else None
     model = GLM(cfg.replace(quantization=q, tensor_parallel_size=1), device="meta", dtype=dtype)
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}

@@ -27,6 +27,10 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+import sentencepiece as spm
+
+from glmctl.artifacts import atomic_write_bytes, atomic_write_json
 from glmctl.config import SPECIAL_TOKENS
 from glmctl.errors import InputError
 
@@ -54,7 +58,6 @@ def padded_vocab_size(num_text_tokens: int, multiple: int = PAD_MULTIPLE) -> int
 
 def build_meta(model_proto: bytes, *, model_type: str) -> dict:
     """The tokenizer.json contents for a sentencepiece model trained with SENTENCEPIECE_OPTIONS."""
-    import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_proto=model_proto)
     n = sp.get_piece_size()
     return {
@@ -78,7 +81,6 @@ class Tokenizer:
     files = (MODEL_FILE, META_FILE)
 
     def __init__(self, model_proto: bytes, meta: dict, source: str = "<memory>"):
-        import sentencepiece as spm
         self.source = source
         self.model_proto = model_proto
         self.meta = meta
@@ -150,7 +152,6 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> list[Path]:
         """Write tokenizer.model + tokenizer.json into ``directory`` (atomically); returns the paths."""
-        from glmctl.artifacts import atomic_write_bytes, atomic_write_json
         d = Path(directory)
         atomic_write_bytes(d / MODEL_FILE, self.model_proto)
         atomic_write_json(d / META_FILE, self.meta)
@@ -194,7 +195,6 @@ class Tokenizer:
 
         Same ids as ``encode(t, allow_special=False)``; the corpus path of ``glmctl tokenize``.
         """
-        import numpy as np
         out = None
         if self._numpy_batch:
             try:

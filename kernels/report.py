@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from glmctl.console import print_table
+
 CSRC = Path(__file__).resolve().parent / "csrc"
 
 # Dynamic shared memory the launchers request (quant_cuda.cu): the tensor-core kernel uses
@@ -106,7 +108,6 @@ def main(argv=None) -> int:
         json.dump({"nvcc": nvcc, "archs": archs, "kernels": rows}, sys.stdout, indent=2)
         print()
         return 0
-    from glmctl.console import print_table
     print_table(f"CUDA kernel resources ({archs}; dynamic shared memory is set at launch)",
                 ["arch", "kernel", "regs", "spill st/ld B", "stack B", "static smem B", "dynamic smem"],
                 [[x["arch"], x["kernel"], x["registers"], f"{x['spill_stores']}/{x['spill_loads']}", x["stack"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import typer
 
+from glmctl import console, kernels
 from glmctl.cli import EXIT_CODES_HELP
 
 EPILOG = ("Examples:\n\n  glmctl kernels\n\n  glmctl kernels --json\n\n"
@@ -35,8 +36,6 @@ def _rows(st: dict) -> list[list]:
 def kernels_cmd(json_out: bool = typer.Option(False, "--json", help="Print the status as one JSON document.")):
     """Show which quantized-linear kernel serves CPU and CUDA tensors (compiled extension or torch
     reference), the reason, the extension file and the compiled GPU architectures."""
-    from glmctl import console
-    from glmctl import kernels
     st = kernels.status()
     if json_out:
         console.emit_json(st)

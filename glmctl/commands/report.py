@@ -7,6 +7,9 @@ from typing import Optional
 import typer
 
 from glmctl.cli import EXIT_CODES_HELP
+from glmctl.console import emit_json, print_table
+from glmctl.errors import InputError
+from glmctl.report import collect, rerun_command, summary_rows, write_report
 
 
 def register(app: typer.Typer) -> None:
@@ -21,9 +24,6 @@ def report_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the summary rows as JSON."),
 ):
     """Summarise a pipeline: stage, time and key numbers per artifact, and write REPORT.md."""
-    from glmctl.console import emit_json, print_table
-    from glmctl.errors import InputError
-    from glmctl.report import collect, rerun_command, summary_rows, write_report
     if not root.is_dir():
         raise InputError(f"{root}: no such folder")
     rows = summary_rows(root)

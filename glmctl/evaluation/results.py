@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 
+from glmctl.evaluation.metrics import language_model_metrics
 from glmctl.evaluation.runner import TaskOutcome, group_summary, higher_is_better, summarise
-
 
 FILE_ALIAS = "   - "  # per-file entries: in results.json, not in the table
 
@@ -60,7 +60,6 @@ def task_entries(outcome: TaskOutcome) -> tuple[dict, list[str]]:
             for k, v in sums.items():
                 acc[k] = acc.get(k, 0) + v
     if sets:
-        from glmctl.evaluation.metrics import language_model_metrics
         for s, sums in sorted(sets.items()):
             sname = f"{name}/{s}"
             m = language_model_metrics(sums["loss"], sums["tokens"], sums["words"], sums["bytes"])

@@ -26,9 +26,17 @@ from pathlib import Path
 from glmctl import console
 from glmctl.evaluation import data as D
 from glmctl.evaluation import metrics as M
-from glmctl.evaluation.scoring import (Request, RequestCache, lm_windows, multiple_choice_request, request_key,
-                                       score_requests, window_request)
+from glmctl.evaluation.scoring import (
+    Request,
+    RequestCache,
+    lm_windows,
+    multiple_choice_request,
+    request_key,
+    score_requests,
+    window_request,
+)
 from glmctl.evaluation.tasks import TaskConfig
+from glmctl.generation import DecodeRequest, GenerationConfig, decode_batch, span_request
 
 GLM_LAMBADA = "glm130b_beam_first_word"
 LMEVAL_LAMBADA = "lmeval_greedy_last_word"
@@ -249,7 +257,6 @@ class Evaluator:
 
     # -- generation --
     def _gen_config(self, task, beam: bool | None = None, banned=(), banned_first=()):
-        from glmctl.generation import GenerationConfig
         beam = task.sampling_strategy == "BeamSearchStrategy" if beam is None else beam
         if beam:
             return GenerationConfig(strategy="beam", max_new_tokens=task.max_gen_length, num_beams=task.num_beams,
@@ -264,7 +271,6 @@ class Evaluator:
     def _decode_request(self, task, context: list[int]):
         """Spec §4.4: a [MASK] in the text is the blank; else [MASK]/[gMASK] is appended and the
         context is bidirectional; unidirectional puts [gMASK, sop] first and is causal."""
-        from glmctl.generation import DecodeRequest, span_request
         ids = self.ids
         mask_id = ids["[gMASK]"] if task.use_task_mask else ids["[MASK]"]
         if task.unidirectional:
@@ -278,7 +284,6 @@ class Evaluator:
     def _decode(self, task, contexts: list[list[int]], gen, desc: str) -> list[list[list[int]]]:
         """Hypotheses' tokens (best first) for every context, cached; batches hold contexts of
         one length, so no request is padded and results do not depend on the batch size."""
-        from glmctl.generation import decode_batch
         reqs = [self._decode_request(task, c) for c in contexts]
         gkey = {k: v for k, v in vars(gen).items()}
         keys = [request_key("gen", gkey, r.tokens, r.positions, r.prefix_len, r.next_position(1)) for r in reqs]

@@ -27,6 +27,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from glmctl.errors import InputError, UsageError
 
 TASK_TYPES = ("mul", "gen", "lm")
@@ -158,7 +160,6 @@ def _normalise_key(key) -> str:
 
 def _read_yaml(path: Path) -> tuple[dict, dict]:
     """(mapping, {key: line}) of a YAML file, with 1-based line numbers for error messages."""
-    import yaml
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

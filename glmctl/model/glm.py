@@ -12,6 +12,7 @@ State-dict keys are exactly SAT's: ``transformer.layers.N.attention.query_key_va
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 
 from glmctl.config import ModelConfig
 from glmctl.model import parallel as tp
+from glmctl.tp_layout import shard_tensor
 
 
 # ---- RoPE (spec §2.3): 1-D, half rotation (dim j pairs with j + d/2), over the full head dim ----
@@ -249,7 +251,6 @@ class GLM(nn.Module):
         embedding_std = embedding_std if embedding_std is not None else 1.0 / d
         gain = (2 * cfg.num_layers) ** -0.5
         xav = lambda fi, fo: gain * math.sqrt(2.0 / (fi + fo))  # noqa: E731
-        from glmctl.tp_layout import shard_tensor
         base = 1234 if seed is None else seed
         for name, p in self.state_dict(keep_vars=True).items():
             gen = torch.Generator().manual_seed((base * 1000003 + _stable_hash(name)) % (2**63))
@@ -280,5 +281,4 @@ class GLM(nn.Module):
 
 
 def _stable_hash(s: str) -> int:
-    import zlib
     return zlib.crc32(s.encode())

@@ -10,12 +10,13 @@ it carries a ``weight_scale`` buffer and the matmul goes through ``glmctl.kernel
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from glmctl import kernels
 
 _TP_GROUP = None
 _TP_SIZE = 1
@@ -154,7 +155,6 @@ class _TPLinear(nn.Module):
     def _matmul(self, x, bias=None):
         if self.quant is None:
             return F.linear(x, self.weight, bias)
-        from glmctl import kernels
         return kernels.quant_linear(x, self.weight, self.weight_scale, bias, bits=self.quant["bits"])
 
     def extra_repr(self):
@@ -202,10 +202,3 @@ class VocabParallelEmbedding(nn.Module):
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp(out)
-
-
-def xavier_normal_(w: torch.Tensor, fan_in: int, fan_out: int, gain: float = 1.0):
-    """Xavier-normal on the *logical* (unsharded) matrix shape, so TP=1 and TP=k agree in std."""
-    std = gain * math.sqrt(2.0 / (fan_in + fan_out))
-    with torch.no_grad():
-        return w.normal_(0.0, std)

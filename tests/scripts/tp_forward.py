@@ -1,19 +1,17 @@
 """Run under torchrun: TP=N forward of the tiny model, save at TP=N, reload at TP=N; rank 0 writes results."""
-import gc
 import sys
 
 import torch
-import torch.distributed as dist
 
+from glmctl import runtime
 from glmctl.checkpoint import load_model, save_model
 from glmctl.config import get_preset
-from glmctl.model import GLM, parallel
+from glmctl.model import GLM
 from glmctl.model.masks import prefix_lm_mask
 
 
 def main(out_dir, tp):
-    dist.init_process_group("gloo")
-    parallel.init_tensor_parallel(int(tp))
+    rt = runtime.start(device="cpu", tp=int(tp))
     torch.manual_seed(0)
     cfg = get_preset("tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)
     model = GLM(cfg).init_weights(seed=7).eval()
@@ -34,13 +32,11 @@ def main(out_dir, tp):
     loss = model(tokens, pos, mask).float().logsumexp(-1).mean()
     loss.backward()
     g = model.transformer.layers[0].attention.dense.bias.grad.clone()
-    if dist.get_rank() == 0:
+    if rt.is_main:
         torch.save({"logits": logits, "incremental": inc, "reloaded": logits2, "dense_bias_grad": g},
                    f"{out_dir}/tp{tp}.pt")
     del model, reloaded
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    runtime.stop(rt)
 
 
 if __name__ == "__main__":
