@@ -11,7 +11,7 @@ Two FLOP counts per trained token (L layers, width d, sequence s, vocabulary V, 
                                                           the trainer computes logits only there
 Each training step is followed by a short matmul probe, and the ratio is the median over steps of
 step FLOP/s / probe FLOP/s: the machine may be shared, and its load changes during a run.
-Targets (performance-anchors §"Training"): CPU >= 30 % of fp32 mm; H100 bf16 glm-335m >= 35 %.
+Targets (docs/pretrain.md, "Speed"): CPU >= 30 % of fp32 mm; H100 bf16 glm-335m >= 35 %.
 The fused-attention path is compared with the explicit fp32-softmax math (--exact-attention).
 """
 from __future__ import annotations
@@ -30,6 +30,15 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from glmctl import runtime  # noqa: E402
+from glmctl.artifacts import ArtifactWriter  # noqa: E402
+from glmctl.config import get_preset  # noqa: E402
+from glmctl.console import print_table  # noqa: E402
+from glmctl.data import index_bytes  # noqa: E402
+from glmctl.stages.pretrain import PretrainConfig, resolve_model_config  # noqa: E402
+from glmctl.train_utils import TrainData  # noqa: E402
+from glmctl.training import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,8 +61,6 @@ def mm_rate(device: str, dtype, n: int, repeats: int = 2) -> float:
 
 
 def make_tokens(out: Path, n_tokens: int, vocab: int) -> Path:
-    from glmctl.artifacts import ArtifactWriter
-    from glmctl.data import index_bytes
     rng = np.random.default_rng(0)
     toks = rng.integers(10, vocab - 100, size=n_tokens).astype(np.uint16)
     lengths = np.full(n_tokens // 1000, 1000)
@@ -68,20 +75,17 @@ def train(tmp: Path, *, preset: str, seq_len: int, micro: int, steps: int, preci
           device: str, mm_dtype, mm_n: int) -> dict:
     """The stage's own Trainer, step by step; after each step a matmul probe measures the peak
     at that moment, so a machine whose load changes still gives a fair ratio (median of steps)."""
-    from glmctl.config import get_preset
-    from glmctl.stages import pretrain as stage
-    from glmctl.train_utils import TrainData
     cfg = get_preset(preset)
     data = tmp / f"tokens-{preset}-{seq_len}"
     if not data.exists():
         make_tokens(data, (steps + 4) * micro * seq_len * 2, cfg.vocab_size - 64)
-    c = stage.PretrainConfig(data=str(data), out=str(tmp / "run"), preset=preset, seq_len=seq_len,
-                             micro_batch_size=micro, steps=steps, precision=precision, exact_attention=exact,
-                             dropout=0.1, eval_samples=micro, valid_fraction=0.05)
-    rt = stage.start_runtime(c)
-    mcfg, seq_len = stage.resolve_model_config(c, None)
-    tr = stage.Trainer(c, rt, mcfg, seq_len, TrainData(c.data, seq_len, c.seed, None, c.valid_fraction), None,
-                       None, tmp / "run", [])
+    c = PretrainConfig(data=str(data), out=str(tmp / "run"), preset=preset, seq_len=seq_len,
+                       micro_batch_size=micro, steps=steps, precision=precision, exact_attention=exact,
+                       dropout=0.1, eval_samples=micro, valid_fraction=0.05)
+    rt = runtime.start(device=device, tp=c.tensor_parallel)
+    mcfg, seq_len = resolve_model_config(c, None)
+    tr = Trainer(c, rt, mcfg, seq_len, TrainData(c.data, seq_len, c.seed, None, c.valid_fraction), None,
+                 None, tmp / "run", [])
     L, d, V, N = mcfg.num_layers, mcfg.hidden_size, mcfg.vocab_size, mcfg.num_parameters()
     attn = 12 * L * d * seq_len
     per_step = []
@@ -98,7 +102,7 @@ def train(tmp: Path, *, preset: str, seq_len: int, micro: int, steps: int, preci
             tokens = m["batch_size"] * seq_len
             work = 6 * (N - V * d) * tokens + 6 * V * d * m["scored_tokens"] + attn * tokens
             per_step.append((tokens / dt, (6 * N + attn) * tokens / dt, work / dt, peak))
-    stage.stop_runtime(rt)
+    runtime.stop(rt)
     med = lambda k: statistics.median(x[k] for x in per_step)  # noqa: E731
     return {"preset": preset, "precision": precision, "attention": "explicit" if exact else "fused", "params": N,
             "tokens_per_s": med(0), "flops_issue": med(1), "flops_work": med(2), "mm_peak": med(3),
@@ -135,7 +139,6 @@ def main() -> None:
     if a.json:
         print(json.dumps(rows, indent=2))
         return
-    from glmctl.console import print_table
     print_table("pretrain throughput (ratio = achieved FLOP/s / torch.mm FLOP/s in this process)",
                 ["device", "model", "precision", "attention", "tokens/s", "GFLOP/s (6N+attn)", "GFLOP/s (work)",
                  "mm GFLOP/s", "ratio (6N+attn)", "ratio (work)", "target"],

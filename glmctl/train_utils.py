@@ -17,12 +17,17 @@ import os
 import re
 import shutil
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 from glmctl.artifacts import MANIFEST, atomic_write_text
+from glmctl.data import TokenDataset, feistel_permute
+from glmctl.tp_layout import REPLICATED, classify
 
 STEP_RE = re.compile(r"step-(\d{8})")
 FINAL = "final"
@@ -31,7 +36,7 @@ FINAL = "final"
 # ---- learning rate and batch size ------------------------------------------------------------
 def lr_at(samples: int, *, peak: float, min_lr: float, warmup_samples: int, decay_samples: int) -> float:
     """Linear warm-up to ``peak`` over ``warmup_samples``, then cosine down to ``min_lr`` at
-    ``decay_samples`` (spec §5.2, counted in samples like Megatron). ``samples`` is the number
+    ``decay_samples`` (docs/glm130b.md §5.2, counted in samples like Megatron). ``samples`` is the number
     consumed once the step being taken is done, so the first step already has a small lr."""
     if warmup_samples > 0 and samples < warmup_samples:
         return peak * samples / warmup_samples
@@ -90,7 +95,7 @@ def default_lr(hidden_size: int) -> float:
 
 # ---- fp16 dynamic loss scaling -------------------------------------------------------------
 class LossScaler:
-    """Dynamic loss scale with hysteresis (Megatron / Apex O2 as GLM-130B used it, spec §5.2):
+    """Dynamic loss scale with hysteresis (Megatron / Apex O2 as GLM-130B used it, docs/glm130b.md §5.2):
     after ``hysteresis`` overflowing steps the scale halves (not below ``min_scale``); after
     ``window`` clean steps in a row it doubles and the hysteresis budget is restored.
     ``enabled=False`` (fp32, bf16) keeps the scale at 1."""
@@ -130,9 +135,6 @@ class LossScaler:
 def grad_norm(named_params, tp_group=None, tp_size: int = 1, tp_rank: int = 0):
     """Global L2 norm of the gradients (fp32 tensor). Under tensor parallelism the sharded
     tensors' squares are summed over the TP group and replicated ones are counted once."""
-    import torch
-    import torch.distributed as dist
-    from glmctl.tp_layout import REPLICATED, classify
     grads = [p.grad for name, p in named_params
              if p.grad is not None and not (tp_size > 1 and tp_rank != 0 and classify(name) == REPLICATED)]
     sq = torch.zeros(())
@@ -145,7 +147,6 @@ def grad_norm(named_params, tp_group=None, tp_size: int = 1, tp_rank: int = 0):
 
 def clip_grads_(params, norm, max_norm: float) -> None:
     """Scale gradients so their global norm is at most max_norm (torch's clip_grad_norm_ rule)."""
-    import torch
     coef = max_norm / (float(norm) + 1e-6)
     if coef < 1.0:
         grads = [p.grad for p in params if p.grad is not None]
@@ -229,7 +230,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 def write_loss_plot(metrics: list[dict], path: Path, title: str = "", unigram_loss: float | None = None) -> None:
     """Training and held-out loss against step as a PNG (matplotlib Agg), written atomically."""
-    import matplotlib
+    import matplotlib  # lazy: an optional dependency (glmctl[plot]) and slow to import; only rank 0 draws
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
     train = [(r["step"], r["loss"]) for r in metrics if "loss" in r and r["loss"] is not None
@@ -271,7 +272,6 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
     def __enter__(self):
-        import threading
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._old[s] = signal.signal(s, self._handle)
@@ -298,7 +298,6 @@ class TrainData:
 
     def __init__(self, data: str, seq_len: int, seed: int, valid_data: str | None = None,
                  valid_fraction: float = 0.02):
-        from glmctl.data import TokenDataset
         self.seed = int(seed)
         self.seq_len = seq_len
         self.dataset = TokenDataset.open(data)
@@ -315,7 +314,6 @@ class TrainData:
 
     def train_chunks(self, indices) -> list[np.ndarray]:
         """Windows of global training samples ``indices`` (int64 copies)."""
-        from glmctl.data import feistel_permute
         idx = np.asarray(indices, dtype=np.int64)
         epochs, pos = np.divmod(idx, self.n_train)
         out = [None] * len(idx)

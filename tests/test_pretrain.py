@@ -17,6 +17,8 @@ from conftest import run_glmctl
 from glmctl import train_utils as tu
 from glmctl.artifacts import ArtifactWriter
 from glmctl.data import index_bytes
+from glmctl.stages.pretrain import PretrainConfig, run
+from glmctl.training import Trainer
 
 ENV = {"OMP_NUM_THREADS": "1", "GLMCTL_PROGRESS_INTERVAL": "1000"}
 TINY = ["--preset", "tiny", "--seq-len", "64", "--micro-batch-size", "4", "--global-batch-size", "8"]
@@ -48,7 +50,7 @@ def tokens(tmp_path_factory):
 
 
 def pretrain(tokens, out, *extra, **kw):
-    from glmctl.stages.pretrain import PretrainConfig, run
+    """The stage in this process; returns its StageResult."""
     base = dict(data=str(tokens), out=str(out), preset="tiny", seq_len=64, micro_batch_size=4, global_batch_size=8)
     base.update(kw)
     threads = torch.get_num_threads()
@@ -134,7 +136,9 @@ def test_unigram_baseline_and_split(tokens):
 @pytest.mark.slow
 def test_run_folder_layout_and_reports(tokens, tmp_path):
     out = tmp_path / "run"
-    s = pretrain(tokens, out, steps=8, save_interval=2, keep=2, log_interval=1, eval_samples=8)
+    r = pretrain(tokens, out, steps=8, save_interval=2, keep=2, log_interval=1, eval_samples=8)
+    s = r.summary
+    assert r.status == "complete" and r.out == out / "final" and s["checkpoint"] == str(out / "final")
     assert sorted(p.name for p in out.iterdir()) == ["final", "latest", "loss.png", "metrics.jsonl",
                                                      "step-00000004", "step-00000006"]  # step 2 pruned
     assert (out / "latest").read_text().strip() == "final"
@@ -155,10 +159,16 @@ def test_run_folder_layout_and_reports(tokens, tmp_path):
 
 
 @pytest.mark.slow
-def test_forced_nan_step_is_skipped_and_counted(tokens, tmp_path):
+def test_forced_nan_step_is_skipped_and_counted(tokens, tmp_path, monkeypatch):
+    micro_loss = Trainer.micro_loss
+
+    def nan_at_step_3(self, b):  # every micro-batch loss of step 3 is NaN, so are its gradients
+        s = micro_loss(self, b)
+        return s * float("nan") if self.step + 1 == 3 else s
+
+    monkeypatch.setattr(Trainer, "micro_loss", nan_at_step_3)
     out = tmp_path / "run"
-    s = pretrain(tokens, out, steps=4, save_interval=1, keep=10, log_interval=1, eval_samples=4,
-                 fault_nan_steps=(3,))
+    s = pretrain(tokens, out, steps=4, save_interval=1, keep=10, log_interval=1, eval_samples=4).summary
     recs = [r for r in tu.read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert [r["skipped_steps"] for r in recs] == [0, 0, 1, 1] and s["skipped_steps"] == 1
     assert math.isnan(recs[2]["grad_norm"]) and math.isfinite(recs[3]["grad_norm"])
@@ -171,14 +181,14 @@ def test_forced_nan_step_is_skipped_and_counted(tokens, tmp_path):
 @pytest.mark.slow
 def test_bf16_and_fp16_steps_run(tokens, tmp_path):
     for precision in ("bf16", "fp16"):
-        s = pretrain(tokens, tmp_path / precision, steps=2, precision=precision, eval_samples=4)
+        s = pretrain(tokens, tmp_path / precision, steps=2, precision=precision, eval_samples=4).summary
         assert math.isfinite(s["eval_loss"]) and s["skipped_steps"] == 0
 
 
 @pytest.mark.slow
 def test_learns_beyond_the_unigram_model(tokens, tmp_path):
     s = pretrain(tokens, tmp_path / "run", steps=60, lr=3e-3, warmup=5, dropout=0.0, eval_samples=16,
-                 save_interval=60)
+                 save_interval=60).summary
     assert s["eval_ppl"] < 0.8 * s["unigram_ppl"], s
 
 
@@ -187,7 +197,8 @@ def test_compiled_training_steps_match_eager(tokens, tmp_path):
     """--compile (torch.compile of the network for training forwards) changes speed, not values."""
     runs = {}
     for comp in (False, True):
-        s = pretrain(tokens, tmp_path / str(comp), steps=3, compile=comp, dropout=0.0, log_interval=1, eval_samples=4)
+        s = pretrain(tokens, tmp_path / str(comp), steps=3, compile=comp, dropout=0.0, log_interval=1,
+                     eval_samples=4).summary
         runs[comp] = ([r["loss"] for r in tu.read_metrics(tmp_path / str(comp) / "metrics.jsonl") if "loss" in r],
                       s["eval_loss"])
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
