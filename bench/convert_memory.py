@@ -38,7 +38,8 @@ def status(key):  # VmHWM is this address space's peak; ru_maxrss would include 
 mode, src, out, heads, tp = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 to = sys.argv[6]
 import torch
-from glmctl import sat, tp_layout
+from glmctl import tp_layout
+from glmctl.formats import sat
 from glmctl.stages import convert as C
 from glmctl.console import set_quiet
 set_quiet(True)
@@ -63,10 +64,12 @@ print(json.dumps({"baseline": base, "peak": status("VmHWM"), "seconds": secs}))
 
 
 def write_synthetic(root: Path, *, layers: int, hidden: int, heads: int, vocab: int, tp: int) -> dict:
-    """A SAT checkpoint written tensor by tensor (glmctl.sat.ShardWriter), so making it is cheap too."""
+    """A SAT checkpoint written tensor by tensor (glmctl.formats.sat.ShardWriter), so making it is cheap too."""
+    # imported here: this runs in the --make child, so the parent process stays small
     import torch
-    from glmctl import sat, tp_layout
     from glmctl.config import ModelConfig
+    from glmctl.formats import sat
+    from glmctl.formats.shapes import split_shape
     from glmctl.model import GLM
     inner = -(-(8 * hidden // 3) // 64) * 64
     cfg = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, inner_hidden_size=inner,
@@ -78,7 +81,6 @@ def write_synthetic(root: Path, *, layers: int, hidden: int, heads: int, vocab: 
     it = "1000"
     (root / it).mkdir(parents=True)
     (root / "latest").write_text(it + "\n")
-    from glmctl.stages.convert import split_shape
     local = {k: split_shape(k, s, tp) for k, s in shapes.items()}
     writers = [sat.ShardWriter(root / it / sat.shard_name(r), [(k, tuple(local[k]), torch.float16) for k in shapes])
                for r in range(tp)]

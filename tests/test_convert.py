@@ -2,7 +2,7 @@
 checkpoints without requantising, DeepSpeed ZeRO-2 gathering, verification, and bad input.
 
 The SAT checkpoints here are written by the tests themselves with torch.save and the split rules
-of spec §6.3 coded directly below (not glmctl.tp_layout), and logits are compared with a model
+of docs/glm130b.md §6.3 coded directly below (not glmctl.tp_layout), and logits are compared with a model
 built from the original weights.
 """
 import json
@@ -19,6 +19,7 @@ from glmctl import cli
 from glmctl.checkpoint import load_model, save_model
 from glmctl.config import get_preset
 from glmctl.errors import GlmctlError, InputError, UsageError
+from glmctl.formats import describe_checkpoint
 from glmctl.kernels import dequantize, quantize_rtn
 from glmctl.model import GLM
 from glmctl.model.masks import prefix_lm_mask
@@ -75,7 +76,7 @@ def inv_freq(d=16):
 
 
 def write_sat(root, sd, tp, dtype=torch.float16, bits=None, inv=True, iteration=ITER, extra=None):
-    """A SAT checkpoint as GLM-130B's convert_tp.py writes one; quantized: per rank, per row (spec §7.1)."""
+    """A SAT checkpoint as GLM-130B's convert_tp.py writes one; quantized: per rank, per row (docs/glm130b.md §7.1)."""
     root = Path(root)
     shutil.rmtree(root, ignore_errors=True)
     (root / iteration).mkdir(parents=True)
@@ -121,8 +122,11 @@ def float_model(cfg, sd):
 
 
 def convert(src, out, **kw):
+    """The summary of one conversion (StageResult.summary)."""
     kw.setdefault("verify", False)
-    return C.run(C.ConvertConfig(src=str(src), out=str(out), **kw))
+    result = C.run(C.ConvertConfig(src=str(src), out=str(out), **kw))
+    assert result.status == "complete" and result.out == Path(out)
+    return result.summary
 
 
 def cli_run(capsys, *argv):
@@ -256,7 +260,7 @@ def test_quantized_sat_imports_and_reshards_without_requantising(tmp_path, bits)
     sd16 = {k: v.half() for k, v in tiny(seed=8).state_dict().items()}
     write_sat(tmp_path / "sat", sd16, 2, bits=bits)
     _, shards = read_sat(tmp_path / "sat")
-    # reference: dequantize each rank's slice (spec §7.1) and assemble the float model
+    # reference: dequantize each rank's slice (docs/glm130b.md §7.1) and assemble the float model
     ref_sd = {}
     for k in sd16:
         if k.endswith(LINEARS):
@@ -318,7 +322,7 @@ def test_quantized_native_per_row_round_trip_and_group_regrouping(tmp_path):
 
 
 # ---- verification ----------------------------------------------------------------------------------
-def test_verify_catches_a_corrupted_tensor_and_keeps_the_old_output(tmp_path):
+def test_verify_catches_a_corrupted_tensor_and_keeps_the_old_output(tmp_path, monkeypatch):
     from safetensors import safe_open
     m = tiny(seed=11)
     save_model(m, tmp_path / "src")
@@ -338,9 +342,15 @@ def test_verify_catches_a_corrupted_tensor_and_keeps_the_old_output(tmp_path):
         with safe_open(str(f), framework="pt") as h:
             assert float(h.get_tensor(name).abs().max()) == pytest.approx(0.05)
 
+    verify_output = C.verify_output
+
+    def corrupt_then_verify(src, plan, out_dir, config):  # the files are written, not yet verified
+        corrupt(out_dir)
+        return verify_output(src, plan, out_dir, config)
+
+    monkeypatch.setattr(C, "verify_output", corrupt_then_verify)
     with pytest.raises(GlmctlError, match="verification failed: max logit difference") as e:
-        C.run(C.ConvertConfig(src=str(tmp_path / "src"), out=str(tmp_path / "out"), tp=2, verify=True),
-              on_written=corrupt)
+        C.run(C.ConvertConfig(src=str(tmp_path / "src"), out=str(tmp_path / "out"), tp=2, verify=True))
     assert e.value.exit_code == 1
     assert (tmp_path / "out" / "manifest.json").read_bytes() == before  # the earlier output is untouched
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left behind
@@ -438,7 +448,7 @@ def test_bad_tp_is_a_usage_error(tmp_path, capsys):
 def test_inspect_describes_sat_and_run_dirs(tmp_path, capsys):
     sd16 = {k: v.half() for k, v in tiny().state_dict().items()}
     write_sat(tmp_path / "sat", sd16, 2, bits=4)
-    info = C.describe_checkpoint(tmp_path / "sat")
+    info = describe_checkpoint(tmp_path / "sat")
     assert info["format"] == "sat" and info["iteration"] == ITER and info["tensor_parallel_size"] == 2
     assert info["quantization"]["bits"] == 4
     assert info["parameters"] == tiny_cfg().num_parameters()

@@ -7,6 +7,8 @@ from typing import Optional
 import typer
 
 from glmctl.cli import EXIT_CODES_HELP
+from glmctl.console import emit_json
+from glmctl.stages.convert import ConvertConfig as C, run
 
 EPILOG = (
     "Examples:\n\n"
@@ -26,54 +28,51 @@ def convert_cmd(
     src: Path = typer.Argument(..., help="glmctl checkpoint, SAT checkpoint (latest + <iter>/mp_rank_XX_"
                                          "model_states.pt), pretrain run or step dir, or DeepSpeed folder."),
     out: Path = typer.Argument(..., help="Output directory (built under a temporary name, manifest last)."),
-    tp: Optional[int] = typer.Option(None, "--tp", help="Output tensor-parallel size (default: the source's)."),
-    to: Optional[str] = typer.Option(None, "--to", help="Output format: glmctl (default) or sat."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 for floating tensors "
-                                                              "(default: as stored; quantization scales are kept)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Hyperparameters a SAT/DeepSpeed checkpoint "
-                                                                "lacks (head count, ids); must match its shapes."),
-    num_attention_heads: Optional[int] = typer.Option(None, "--num-attention-heads",
+    tp: Optional[int] = typer.Option(C.tp, "--tp", help="Output tensor-parallel size (default: the source's)."),
+    to: str = typer.Option(C.to, "--to", help="Output format: glmctl or sat."),
+    dtype: Optional[str] = typer.Option(C.dtype, "--dtype", help="fp32, bf16 or fp16 for floating tensors "
+                                                                 "(default: as stored; quantization scales are kept)."),
+    preset: Optional[str] = typer.Option(C.preset, "--preset", help="Hyperparameters a SAT/DeepSpeed checkpoint "
+                                                                    "lacks (head count, ids); must match its shapes."),
+    num_attention_heads: Optional[int] = typer.Option(C.num_attention_heads, "--num-attention-heads",
                                                       help="Head count, when not given by --preset."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer (or checkpoint) directory to "
-                                                                       "attach; its padded vocab must match."),
-    verify: Optional[bool] = typer.Option(None, "--verify/--no-verify",
+    tokenizer: Optional[Path] = typer.Option(C.tokenizer, "--tokenizer",
+                                             help="Tokenizer (or checkpoint) directory to attach; its padded vocab "
+                                                  "must match (and its ids a recorded config.json's)."),
+    verify: Optional[bool] = typer.Option(C.verify, "--verify/--no-verify",
                                           help="Compare source and result logits on random tokens with [gMASK] and "
                                                "[MASK] (default: when a TP=1 fp32 model fits in memory)."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Largest logit difference accepted by "
-                                                                        "--verify (default: from the dtypes)."),
-    zero_master: bool = typer.Option(False, "--zero-master", help="From a DeepSpeed pretrain step: take the "
-                                                                  "fp32 ZeRO master weights, not the native ones."),
-    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size",
+    tolerance: Optional[float] = typer.Option(C.tolerance, "--tolerance",
+                                              help="Largest logit difference accepted by --verify (default: from "
+                                                   "the dtypes)."),
+    zero_master: bool = typer.Option(C.zero_master, "--zero-master",
+                                     help="From a DeepSpeed pretrain step: take the fp32 ZeRO master weights, not "
+                                          "the native ones."),
+    max_shard_size: Optional[str] = typer.Option(C.max_shard_size, "--max-shard-size",
                                                  help="Split each rank's weights into files of at most this "
                                                       "size (default 10GiB)."),
-    iteration: Optional[str] = typer.Option(None, "--iteration", help="--to sat: the iteration written to `latest` "
-                                                                      "(default: the source's, else 'release')."),
-    if_stale: bool = typer.Option(False, "--if-stale", help="Do nothing when OUT was made from the same inputs "
-                                                            "and options."),
-    lock: bool = typer.Option(False, "--lock", help="Hold OUT.lock while running (exit 75 if another run holds it)."),
+    iteration: Optional[str] = typer.Option(C.iteration, "--iteration", help="--to sat: the iteration written to "
+                                                                             "`latest` (default: the source's, else "
+                                                                             "'release')."),
+    if_stale: bool = typer.Option(C.if_stale, "--if-stale", help="Do nothing when OUT was made from the same inputs "
+                                                                 "and options."),
+    lock: bool = typer.Option(False, "--lock", help="Hold .OUT.lock beside OUT while running (exit 75 if another "
+                                                    "run holds it)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ):
     """Convert a checkpoint between formats and tensor-parallel sizes, streaming, with a logits check."""
-    import contextlib
-
-    from glmctl.artifacts import file_lock
-    from glmctl.console import emit_json
-    from glmctl.stages import convert as stage
-
-    cfg = stage.ConvertConfig(
-        src=str(src), out=str(out), tp=tp, to=to or stage.ConvertConfig.to, dtype=dtype, preset=preset,
+    result = run(C(
+        src=str(src), out=str(out), tp=tp, to=to, dtype=dtype, preset=preset,
         num_attention_heads=num_attention_heads, tokenizer=None if tokenizer is None else str(tokenizer),
         verify=verify, tolerance=tolerance, zero_master=zero_master, max_shard_size=max_shard_size,
-        iteration=iteration, if_stale=if_stale)
-    guard = file_lock(out.with_name(out.name + ".lock")) if lock else contextlib.nullcontext()
-    with guard:
-        summary = stage.run(cfg)
+        iteration=iteration, if_stale=if_stale, lock="auto" if lock else None))
     if json_out:
-        emit_json(summary)
+        emit_json({"up_to_date": True, "out": str(out)} if result.up_to_date else {**result.summary, "out": str(out)})
         return
-    if summary.get("up_to_date"):
+    if result.up_to_date:
         print(f"{out}: up to date")
         return
+    summary = result.summary
     v = summary.get("verify")
     check = (f"max logit difference {v['max_logit_diff']:.3g} (tolerance {v['tolerance']:.3g})" if v
              else "not verified")

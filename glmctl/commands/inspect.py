@@ -7,7 +7,14 @@ from typing import Optional
 
 import typer
 
+from glmctl.artifacts import read_manifest
+from glmctl.checkpoint import tensor_table
 from glmctl.cli import EXIT_CODES_HELP
+from glmctl.config import ModelConfig, get_preset
+from glmctl.console import emit_json, human_bytes, parse_size, print_table
+from glmctl.errors import UsageError
+from glmctl.formats import describe_checkpoint
+from glmctl.planning import plan
 
 
 def register(app: typer.Typer) -> None:
@@ -28,10 +35,6 @@ def plan_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ):
     """Memory plan: parameters, weight memory at fp16/int8/int4, KV cache, per-GPU need at a TP size."""
-    from glmctl.config import ModelConfig, get_preset
-    from glmctl.console import emit_json, human_bytes, parse_size, print_table
-    from glmctl.errors import UsageError
-    from glmctl.planning import plan
     if bits not in (16, 8, 4):
         raise UsageError(f"--bits must be 16, 8 or 4, got {bits}")
     if (preset is None) == (model_config is None):
@@ -68,7 +71,6 @@ def inspect_cmd(
     tensors: bool = typer.Option(True, "--tensors/--no-tensors", help="List every tensor."),
 ):
     """Print a checkpoint's config, tensor table (name, shape, dtype), parameter count and manifest."""
-    from glmctl.console import emit_json, print_table
     info = describe(path)
     if json_out:
         emit_json(info)
@@ -89,20 +91,10 @@ def inspect_cmd(
 
 
 def describe(path: Path) -> dict:
-    """Facts about a native checkpoint (other formats are handled by the convert stage's reader)."""
-    from glmctl.artifacts import read_manifest
-    from glmctl.checkpoint import tensor_table
-    from glmctl.config import ModelConfig
-    from glmctl.errors import InputError
+    """Facts about a native checkpoint; other formats (SAT, pretrain runs, DeepSpeed) by glmctl.formats."""
     path = Path(path)
     if not (path / "config.json").exists():
-        try:
-            from glmctl.stages import convert
-        except ImportError:
-            convert = None
-        if convert is not None and hasattr(convert, "describe_checkpoint"):
-            return convert.describe_checkpoint(path)
-        raise InputError(f"{path}: not a glmctl checkpoint (no config.json)")
+        return describe_checkpoint(path)
     manifest = read_manifest(path)
     cfg = ModelConfig.load(path)
     rows = tensor_table(path)

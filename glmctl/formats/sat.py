@@ -1,4 +1,4 @@
-"""SwissArmyTransformer (SAT) checkpoints, the layout GLM-130B ships in (spec §6.1-6.2).
+"""SwissArmyTransformer (SAT) checkpoints, the layout GLM-130B ships in (docs/glm130b.md §6.1-6.2).
 
     ROOT/latest                                    text: the iteration ("49300") or "release"
     ROOT/<iteration>/mp_rank_XX_model_states.pt    one torch pickle per tensor-parallel rank, XX = 00, 01, ...
@@ -10,13 +10,18 @@ so tensors page in lazily; anything that needs more is refused with the globals 
 Writing is streamed: ``ShardWriter`` emits the pickle first, then each tensor's bytes as it
 arrives, so a 32 GB shard never sits in memory. The file is the one ``torch.save`` writes
 (zip of data.pkl + data/<key> records), so SAT, FasterTransformer's converter and torch read it.
-This module knows files, not models: resharding and scale conversion live in stages/convert.py.
+``SatSource`` reads a SAT checkpoint through the glmctl.formats ``Source`` interface (SAT's
+per-rank row scales re-expressed as group scales) and ``SatSink`` writes one; resharding
+lives in glmctl/reshard.py.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ctypes
+import io
+import json
 import mmap
 import pickle
 import re
@@ -25,7 +30,13 @@ from pathlib import Path
 
 import torch
 
-from glmctl.errors import InputError
+from glmctl import tp_layout
+from glmctl.artifacts import atomic_write_text
+from glmctl.config import ModelConfig
+from glmctl.console import warn
+from glmctl.errors import InputError, UsageError
+from glmctl.formats.shapes import ShapeFacts, regroup_shape
+from glmctl.formats.source import Source, check_same_names
 
 SHARD_RE = re.compile(r"^mp_rank_(\d{2})_model_states\.pt$")
 # Globals beyond torch's weights_only set that are safe to rebuild: plain attribute bags.
@@ -90,7 +101,6 @@ def load_shard(path: Path, mmap_: bool = True) -> tuple[dict[str, torch.Tensor],
                 mapped = mmap_
             except RuntimeError as e:
                 if mmap_ and "mmap" in str(e):  # legacy (pre-zip) pickle: cannot be mapped
-                    from glmctl.console import warn
                     warn(f"{path}: legacy torch format, loading the whole shard into memory")
                     obj = torch.load(path, map_location="cpu", weights_only=True)
                     mapped = False
@@ -202,7 +212,7 @@ class ShardWriter:
             for s in shape:
                 numel *= int(s)
             refs[name] = _TensorRef(_StorageRef(str(i), dtype, numel), shape)
-        buf = __import__("io").BytesIO()
+        buf = io.BytesIO()
         _Pickler(buf, protocol=2).dump({"module": refs})
         data = buf.getvalue()
         try:
@@ -238,5 +248,113 @@ class ShardWriter:
 
 
 def write_latest(root: Path, iteration: str) -> None:
-    from glmctl.artifacts import atomic_write_text
     atomic_write_text(root / "latest", f"{iteration}\n")
+
+
+# ---- the Source and the sink ------------------------------------------------------------------
+class SatSource(Source):
+    """A SAT checkpoint. Its config comes from the shapes plus the head count: ``heads``, the
+    ``preset``, SAT's inv_freq buffers, or ``base`` (a config whose other fields are kept); a
+    checkpoint glmctl exported records its config in manifest.json, used when none of these is
+    given. ``need_config=False`` (inspect) leaves ``cfg`` None when the head count is unknown."""
+    kind = "sat"
+
+    def __init__(self, root: Path, *, heads: int | None = None, preset: str | None = None,
+                 base: ModelConfig | None = None, need_config: bool = True):
+        self.path = root = Path(root)
+        self.iteration = read_latest(root)
+        folder = root / self.iteration
+        self.files = shard_files(folder)
+        self.label = f"SAT checkpoint {root} (iteration {self.iteration})"
+        loaded = [load_shard(f) for f in self.files]
+        self.shards = [sd for sd, _ in loaded]
+        self.mapped = [mapped for _, mapped in loaded]
+        self.tp = len(self.files)
+        check_same_names([set(s) for s in self.shards], lambda r: str(self.files[r]))
+        self.raw_local = {k: [tuple(s[k].shape) for s in self.shards] for k in self.shards[0]}
+        self.raw_dtypes = {k: self.shards[0][k].dtype for k in self.shards[0]}
+        for k, shapes in self.raw_local.items():
+            for r, s in enumerate(shapes[1:], start=1):
+                if s != shapes[0] or self.shards[r][k].dtype != self.raw_dtypes[k]:
+                    dt = lambda t: str(t).replace("torch.", "")  # noqa: E731
+                    raise InputError(f"{folder}: {k} is {list(shapes[0])} {dt(self.raw_dtypes[k])} in "
+                                     f"{self.files[0].name} but {list(s)} {dt(self.shards[r][k].dtype)} in "
+                                     f"{self.files[r].name}")
+        self.shapes = ShapeFacts(self.raw_local, self.raw_dtypes, self.tp, str(folder))
+        self.shapes.check_rank_count(self.files)
+        self.group = self.shapes.sat_group()
+        # glmctl form: SAT's per-rank row scales become group scales of size ``group``.
+        self.local, self.dtypes = {}, dict(self.raw_dtypes)
+        for k, shapes in self.raw_local.items():
+            shape = shapes[0]
+            if k.endswith("weight_scale"):
+                shape = regroup_shape(shape, self.shapes.in_features(k, local=True), self.group)
+            self.local[k] = [shape] * self.tp
+        self.names = list(self.raw_local)
+        glm_manifest = root / "manifest.json"
+        if glm_manifest.exists():  # exported by glmctl: its model config is recorded there
+            with contextlib.suppress(ValueError, OSError):
+                self.manifest = json.loads(glm_manifest.read_text())
+        self.config_recorded = base is not None
+        if base is None and self.manifest and not preset and heads is None:
+            with contextlib.suppress(Exception):  # a foreign or damaged manifest: infer instead
+                base = ModelConfig.from_dict(self.manifest["config"]["model"])
+                self.config_recorded = True
+        try:
+            self.cfg = self.shapes.model_config(heads=heads, preset=preset, base=base)
+        except UsageError:
+            if need_config:
+                raise
+
+    def read(self, name, rank):
+        t = self.shards[rank][name]
+        if not name.endswith("weight_scale"):
+            return t
+        return tp_layout.regroup_scale(name, t, self.shapes.in_features(name, local=True), None, self.group)
+
+    def release(self, name, ranks=None):
+        for r in range(self.tp) if ranks is None else ranks:
+            if self.mapped[r]:  # only file-backed pages: on anonymous memory MADV_DONTNEED zeroes data
+                drop_pages(self.shards[r][name])
+
+
+class SatSink:
+    """SAT shards of ``cfg`` (at its TP) from ``entries[rank]`` = [(name, shape, dtype)] in glmctl
+    form: glmctl group scales become SAT's one scale per output row per rank. ``check`` yields
+    (name, scale tensor of one output rank): each is converted before any file is written, so a
+    model SAT cannot hold stops before the output is half written."""
+
+    def __init__(self, directory: Path, cfg: ModelConfig, entries: list[list[tuple]], iteration: str, check=()):
+        self.dir, self.cfg, self.iteration = directory, cfg, iteration
+        self.tp = cfg.tensor_parallel_size
+        self.group = (cfg.quantization or {}).get("group_size")
+        for n, t in check:
+            self.to_sat(n, t)
+        (directory / iteration).mkdir(parents=True)
+        self.writers = []
+        for r, rank_entries in enumerate(entries):
+            sat_entries = [(n, regroup_shape(shape, self.in_local(n), None) if n.endswith("weight_scale") else shape,
+                            dt) for n, shape, dt in rank_entries]
+            self.writers.append(ShardWriter(directory / iteration / shard_name(r), sat_entries))
+
+    def in_local(self, name: str) -> int:
+        n = tp_layout.linear_in_features(name, self.cfg.hidden_size, self.cfg.inner_hidden_size)
+        return n // self.tp if tp_layout.classify(name) == tp_layout.ROW else n
+
+    def to_sat(self, name, t):
+        if not name.endswith("weight_scale"):
+            return t
+        try:
+            return tp_layout.regroup_scale(name, t, self.in_local(name), self.group, None)
+        except tp_layout.LayoutError as e:
+            raise UsageError(f"cannot write SAT at TP={self.tp} without requantising: {e}; SAT keeps one "
+                             "scale per output row per rank (export at the TP the model was quantized for, or "
+                             "quantize the fp16 model at this TP)") from None
+
+    def write(self, rank, name, t) -> None:
+        self.writers[rank].write(name, self.to_sat(name, t))
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+        write_latest(self.dir, self.iteration)
