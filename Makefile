@@ -15,7 +15,7 @@ PY     := $(VENV)/bin/python
 GLMCTL := $(VENV)/bin/glmctl
 
 # Building the kernels: nvcc on PATH here is a wrapper, torch needs the real toolkit root, and a
-# machine without a GPU has no arch to detect (environment-notes §1.3).
+# machine without a GPU has no arch to detect, so the list is given.
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;8.6;8.9;9.0
 export MAX_JOBS ?= 2

@@ -1,7 +1,7 @@
 """Multiple-choice scoring: GLM-130B's packed forward vs one forward per choice.
 
 Same model, same examples, same batch size. Packed: one sequence per example, context once and
-every choice as its own block (spec §4.4). Per choice: one sequence per choice, context repeated
+every choice as its own block (docs/glm130b.md §4.4). Per choice: one sequence per choice, context repeated
 (how lm-eval scores a multiple-choice question). Prints examples/s for both, the speed-up, and
 how far the scores differ (they are the same numbers computed two ways).
 

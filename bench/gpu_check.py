@@ -41,7 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-GLM_SHAPES = [  # (name, n = output rows, k = input columns), per rank (spec §6.3)
+GLM_SHAPES = [  # (name, n = output rows, k = input columns), per rank (docs/glm130b.md §6.3)
     ("QKV tp4", 9216, 12288), ("QKV tp8", 4608, 12288),
     ("dense tp4", 12288, 3072), ("dense tp8", 12288, 1536),
     ("h_to_4h tp4", 16384, 12288), ("h_to_4h tp8", 8192, 12288),

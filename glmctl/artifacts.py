@@ -1,6 +1,6 @@
 """Artifact directories: manifest.json (written last), atomic writes, staleness, locks.
 
-An artifact is a directory whose ``manifest.json`` records what made it (DESIGN.md §Artifacts).
+An artifact is a directory whose ``manifest.json`` records what made it (the README's Artifacts section).
 A directory without a manifest is incomplete and no stage reads it. ``ArtifactWriter`` builds
 the directory under a temporary sibling name and renames it into place when complete, so a
 crash at any moment leaves either the old artifact or nothing, never a half-written one.

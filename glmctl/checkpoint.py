@@ -3,7 +3,7 @@
     model/
       config.json                      ModelConfig (tensor_parallel_size, quantization block)
       model.safetensors                TP = 1
-      model-tp00-of-02.safetensors     TP > 1, one per rank (rank-local shapes, spec §6.3)
+      model-tp00-of-02.safetensors     TP > 1, one per rank (rank-local shapes, docs/glm130b.md §6.3)
       model.safetensors.index.json     only when a rank's weights are split into several files
       tokenizer.model, tokenizer.json  copied in when known, so a checkpoint is self-contained
       manifest.json                    written last

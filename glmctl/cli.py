@@ -17,10 +17,7 @@ import typer
 import yaml
 
 from glmctl import __version__, artifacts
-from glmctl.errors import EXIT_FAILURE, EXIT_USAGE, GlmctlError
-
-EXIT_CODES_HELP = ("Exit codes: 0 success (or up to date), 1 failure, 2 usage error, "
-                   "3 invalid or incomplete input, 75 lock held by another run.")
+from glmctl.errors import EXIT_CODES_HELP, EXIT_FAILURE, EXIT_USAGE, GlmctlError
 
 app = typer.Typer(
     name="glmctl",
@@ -80,13 +77,7 @@ def root(
 
 def _register_commands() -> None:
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"glmctl.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"glmctl.commands.{name}":
-                continue
-            raise
-        mod.register(app)
+        importlib.import_module(f"glmctl.commands.{name}").register(app)
 
 
 _register_commands()

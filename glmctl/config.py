@@ -1,7 +1,7 @@
 """ModelConfig: the hyperparameters of a GLM network, and the named presets.
 
 ``config.json`` in every checkpoint is ``ModelConfig.to_dict()``. Defaults are GLM-130B's
-(spec §1, §3). Token ids default to GLM-130B's icetk layout; a glmctl tokenizer puts its
+(docs/glm130b.md §1, §3). Token ids default to GLM-130B's icetk layout; a glmctl tokenizer puts its
 special tokens right after its sentencepiece pieces and the pretrain stage copies them in.
 """
 from __future__ import annotations
@@ -26,12 +26,12 @@ class ModelConfig:
     max_sequence_length: int = 2048
     layernorm_epsilon: float = 1e-5
     rotary_base: float = 10000.0
-    # SAT 0.2.x computes RoPE angles in fp16 (spec §2.3). True reproduces that bit for bit.
+    # SAT 0.2.x computes RoPE angles in fp16 (docs/glm130b.md §2.3). True reproduces that bit for bit.
     rope_fp16: bool = False
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     tensor_parallel_size: int = 1
-    # Special-token ids (spec §3).
+    # Special-token ids (docs/glm130b.md §3).
     mask_token_id: int = 150000
     gmask_token_id: int = 150001
     smask_token_id: int = 150002
@@ -60,7 +60,7 @@ class ModelConfig:
         return (2 * self.num_layers) ** 0.5
 
     def num_parameters(self) -> int:
-        """Exact parameter count from the shapes (spec §1)."""
+        """Exact parameter count from the shapes (docs/glm130b.md §1)."""
         d, f, v = self.hidden_size, self.inner_hidden_size, self.vocab_size
         per_layer = (d * 3 * d + 3 * d) + (d * d + d) + (d * 2 * f + 2 * f) + (f * d + d) + 4 * d
         return self.num_layers * per_layer + v * d + 2 * d
@@ -155,7 +155,7 @@ PRESETS: dict[str, ModelConfig] = {
     "glm-335m": _glm_family(24, 1024, 16),
     "glm-2b": _glm_family(36, 2048, 32),
     "glm-10b": _glm_family(48, 4096, 64),
-    "glm-130b": ModelConfig(),  # spec §1 exactly
+    "glm-130b": ModelConfig(),  # docs/glm130b.md §1 exactly
 }
 
 

@@ -4,7 +4,7 @@
     generate_span(model, context, ids, gen)                              -> [Hypothesis]
     fill(model, tokens, ids, gen)                                        -> (final_tokens, spans)
 
-Strategies (spec §8): greedy; sampling as GLM-130B's ``BaseStrategy`` (temperature, banned
+Strategies (docs/glm130b.md §8): greedy; sampling as GLM-130B's ``BaseStrategy`` (temperature, banned
 tokens filled with -65504, top-k then top-p keeping the first token that crosses p, softmax in
 fp32); beam search as its ``BeamSearchStrategy`` (see ``BeamSearch``).
 
@@ -14,7 +14,7 @@ at once: contexts are left-padded to a common length, padding keys are blocked b
 each row keeps its own position ids, so a request gives the same result alone or in a batch
 (greedy; up to float rounding in the batched matmuls). Finished rows leave the batch.
 
-Blank filling (spec §4.3): the mask type in use is [MASK] if the prompt has one, else [sMASK],
+Blank filling (docs/glm130b.md §4.3): the mask type in use is [MASK] if the prompt has one, else [sMASK],
 else [gMASK] (appended when the prompt has no mask). Blanks of that type are filled left to
 right, one decoding round each, every round seeing the earlier blanks already filled.
 """
@@ -95,7 +95,7 @@ class DecodeRequest:
 
 
 def end_token_ids(gen: GenerationConfig, ids: dict) -> tuple:
-    """GLM-130B stops a span at eop or eos (spec §8.1). glmctl also stops at eod: a model
+    """GLM-130B stops a span at eop or eos (docs/glm130b.md §8.1). glmctl also stops at eod: a model
     pre-trained on documents separated by eod (every glmctl tokens artifact) ends a document
     with it, and what follows belongs to another one."""
     if gen.end_token_ids is not None:
@@ -112,7 +112,7 @@ def derive_seed(seed: int, *parts) -> int:
 # ---- logit processing --------------------------------------------------------------------
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
                        filler: float = FILLER) -> torch.Tensor:
-    """SAT's ``top_k_logits`` for any number of rows [..., V] (spec §8.2).
+    """SAT's ``top_k_logits`` for any number of rows [..., V] (docs/glm130b.md §8.2).
 
     top-k keeps logits >= the k-th largest; top-p sorts, takes the cumulative softmax and removes
     the tokens past p, always keeping the first token that crosses p.
@@ -237,7 +237,7 @@ class Sampler(_Strategy):
 
 
 class BeamSearch(_Strategy):
-    """GLM-130B's BeamSearchStrategy for one request (spec §8.3).
+    """GLM-130B's BeamSearchStrategy for one request (docs/glm130b.md §8.3).
 
     * logits -> fp32; banned tokens and (before min_new_tokens) end tokens get -65504; per-beam
       no-repeat-ngram bans once the whole sequence (context included) is longer than n.
@@ -503,7 +503,7 @@ def mask_in_use(tokens: list[int], ids: dict) -> int:
 
 
 def span_request(context: list[int], mask_id: int, ids: dict, seed: int | None = None) -> DecodeRequest:
-    """Decode input for the first ``mask_id`` of ``context`` (spec §4.2): tokens = context + <sop>,
+    """Decode input for the first ``mask_id`` of ``context`` (docs/glm130b.md §4.2): tokens = context + <sop>,
     the context bidirectional; [gMASK] positions continue, [MASK]/[sMASK] stay at the mask."""
     mask_index = context.index(mask_id)
     n = len(context)
@@ -590,7 +590,7 @@ def fill_batch(model, prompts: list[list[int]], ids: dict, gen: GenerationConfig
 
 
 def fill(model, tokens: list[int], ids: dict, gen: GenerationConfig) -> tuple[list[int], list[tuple[int, list[int]]]]:
-    """GLM-130B's generate.py semantics (spec §4.3): the blanks of the mask in use are filled
+    """GLM-130B's generate.py semantics (docs/glm130b.md §4.3): the blanks of the mask in use are filled
     left to right, one at a time, each seeing the earlier ones filled; with no mask, [gMASK] is
     appended and the text continued. Mask tokens and <sop> are banned inside spans (a generated
     mask would become a new blank). Returns (final tokens, [(start index, generated ids)])."""

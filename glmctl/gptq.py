@@ -13,7 +13,7 @@ so that ||X W^T - X Q^T||^2 stays small. With H = 2 X^T X / n (the Hessian of th
             W[:, j+1:block end] -= e_j U[j, j+1:block end]
         W[:, block end:] -= E_block U[block, block end:]   (one matmul per block)
 
-The grid is exactly glmctl's on-disk format (spec §7.1, kernels/reference.py): q in
+The grid is exactly glmctl's on-disk format (docs/glm130b.md §7.1, kernels/reference.py): q in
 [-(2^(b-1)-1), 2^(b-1)-1], no zero point, scale = absmax / (2^(b-1)-1) stored in fp16,
 one per output row or per row and group of ``group_size`` input columns. Group scales are taken
 from the (error-updated) weights when their group is reached, as in the paper; with

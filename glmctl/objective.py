@@ -1,4 +1,4 @@
-"""The GLM pre-training objective (spec §4.5, §5.1): training sequences built from raw token windows.
+"""The GLM pre-training objective (docs/glm130b.md §4.5, §5.1): training sequences built from raw token windows.
 
 Every training sequence has ``seq_len`` tokens and uses one objective, drawn per sequence:
 
@@ -213,7 +213,7 @@ def gmask_sample(text: np.ndarray, rng: np.random.Generator, cfg: ObjectiveConfi
     """prefix + [gMASK] + sop + suffix[:-1] (n + 1 tokens for n text tokens); targets the suffix.
 
     The suffix length g is uniform in [ceil(gmask_min_ratio * n), n - 1] (at least one token of
-    prefix), unless ``generate`` fixes it. Positions are 0..n (spec §4.2, [gMASK] case).
+    prefix), unless ``generate`` fixes it. Positions are 0..n (docs/glm130b.md §4.2, [gMASK] case).
     """
     text = np.asarray(text, dtype=np.int64)
     n = len(text)
@@ -229,11 +229,11 @@ def gmask_sample(text: np.ndarray, rng: np.random.Generator, cfg: ObjectiveConfi
 
 # ---- MIP: instruction samples ------------------------------------------------------------------
 def instruction_sample(prompt: list[int], target: list[int], max_len: int, ids: SpecialIds) -> Segment:
-    """prompt + [gMASK] + sop + target -> target + eop (the generation layout, spec §4.3).
+    """prompt + [gMASK] + sop + target -> target + eop (the generation layout, docs/glm130b.md §4.3).
 
     A prompt that already holds a [MASK] / [sMASK] keeps it and Part B sits at its position.
     Too long: the target is cut to leave at least a quarter for the prompt, then the prompt is
-    truncated on the left (like evaluation inputs, spec §9.1).
+    truncated on the left (like evaluation inputs, docs/glm130b.md §9.1).
     """
     blank = [m for m in (ids.mask, ids.smask) if m is not None and m in prompt]
     extra = 1 if blank else 2  # [gMASK] + sop, or only sop

@@ -1,4 +1,4 @@
-"""The glmctl tokenizer: a sentencepiece model plus GLM-130B's special tokens (spec §3).
+"""The glmctl tokenizer: a sentencepiece model plus GLM-130B's special tokens (docs/glm130b.md §3).
 
 Id layout (GLM-130B's icetk layout without the 20,000 image tokens):
 

@@ -1,4 +1,4 @@
-"""How each GLM-130B tensor splits across tensor-parallel ranks (spec §6.3-6.4).
+"""How each GLM-130B tensor splits across tensor-parallel ranks (docs/glm130b.md §6.3-6.4).
 
     column  (dim 0): query_key_value.{weight,bias}, word_embeddings.weight
     glu     (dim 0): dense_h_to_4h.{weight,bias}; rank r = [rows r of first half ; rows r of second half]

@@ -1,6 +1,6 @@
 """The torch reference for weight-only quantized linears: it defines the right answer.
 
-On-disk format (spec §7.1, DESIGN.md), canonical for every kernel:
+On-disk format (docs/glm130b.md §7.1, docs/architecture.md), canonical for every kernel:
     qweight int8 [n, k] for INT8; for INT4 int8 [n, k/2], column 2j in the HIGH nibble and
             column 2j+1 in the LOW nibble, each 4-bit two's complement.
     scale   [n] (one per output row) or [n, k/G] (one per row and group of G input columns).
@@ -50,7 +50,7 @@ def quant_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None = None, scale_dtype=torch.float16):
-    """GLM-130B's round-to-nearest absmax quantization (spec §7.1), optionally per group.
+    """GLM-130B's round-to-nearest absmax quantization (docs/glm130b.md §7.1), optionally per group.
 
     s = absmax / (2^(b-1) - 1) stored in ``scale_dtype``; q = round_half_even(W / s) in that
     dtype's precision (GLM-130B divides fp16 by fp16). Returns (qweight, scale): packed for INT4.

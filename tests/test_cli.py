@@ -22,7 +22,7 @@ def test_plan_glm130b_matches_spec():
     assert r.returncode == 0, r.stderr
     p = json.loads(r.stdout)
     assert p["parameters"] == 128_697_794_560
-    assert abs(p["weight_bytes"]["fp16"] / 1e9 - 257.4) < 0.1          # spec §1: 257.4 GB
+    assert abs(p["weight_bytes"]["fp16"] / 1e9 - 257.4) < 0.1          # docs/glm130b.md §1: 257.4 GB
     # INT4: 126.84 B linear weights / 2 + fp16 rest + fp16 row scales ~= 67 GB
     d, f = 12288, 32768
     lin = 70 * (4 * d * d + 3 * f * d)  # 126.84 B

@@ -226,7 +226,7 @@ def test_windowed_perplexity_matches_direct_computation(loaded, tmp_path):
     L, g = 24, 8
     assert len(doc) > 2 * L  # several windows
     # direct: window 0 scores tokens [0, L-1) after [gMASK] <sop>; then each block of g tokens is
-    # scored with the L-1-g tokens before it as a bidirectional prefix (spec §9.2)
+    # scored with the L-1-g tokens before it as a bidirectional prefix (docs/glm130b.md §9.2)
     loss, start = 0.0, 0
     while start < len(doc):
         if start == 0:
@@ -510,7 +510,7 @@ def test_builtin_tasks_run(model_dir, tmp_path):
 
 
 def _quantize_checkpoint(src: Path, dst: Path, bits: int = 4) -> None:
-    """INT4 per-row RTN (spec §7.1) of every linear weight, via the reference kernels."""
+    """INT4 per-row RTN (docs/glm130b.md §7.1) of every linear weight, via the reference kernels."""
     from glmctl.kernels import quantize_rtn
     from glmctl.tokenizer import Tokenizer as _T  # noqa: F401  (the tokenizer is copied below)
     model = load_model(src)

@@ -1,5 +1,5 @@
 """glmctl.generation against independent references: a naive loop that recomputes the full
-forward pass every step, hand-computed beam-search / sampling rules (spec §8.2-8.3), and
+forward pass every step, hand-computed beam-search / sampling rules (docs/glm130b.md §8.2-8.3), and
 batch-size invariance."""
 import math
 
@@ -112,7 +112,7 @@ def test_smask_and_mid_text_gmask_positions(model):
 
 
 def test_mask_type_precedence_leaves_other_masks_in_place(model):
-    # [MASK] present -> only [MASK] blanks are filled (spec §4.3); [gMASK] stays a context token
+    # [MASK] present -> only [MASK] blanks are filled (docs/glm130b.md §4.3); [gMASK] stays a context token
     tokens, spans = fill(model, [5, G, 6, M, 7], IDS, GenerationConfig(max_new_tokens=4))
     assert len(spans) == 1 and G in tokens and M not in tokens
 

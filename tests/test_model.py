@@ -1,4 +1,4 @@
-"""The GLM network against hand-written float64 formulas (spec §2), and KV-cache decoding."""
+"""The GLM network against hand-written float64 formulas (docs/glm130b.md §2), and KV-cache decoding."""
 import math
 
 import pytest

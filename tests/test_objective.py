@@ -1,4 +1,4 @@
-"""The GLM objective (spec §4.5, §5.1) against its rules, on fixed seeds.
+"""The GLM objective (docs/glm130b.md §4.5, §5.1) against its rules, on fixed seeds.
 
 Every check rebuilds the expectation independently: the corpus text is recovered from Part A
 and Part B, the attention mask is compared with a naive loop over the written rules, and packing

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from glmctl.cli import EXIT_CODES_HELP
+from glmctl.errors import EXIT_CODES_HELP
 from glmctl.console import emit_json
 from glmctl.stages.convert import ConvertConfig as C, run
 

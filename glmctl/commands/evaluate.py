@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 from typer.core import TyperCommand
 
-from glmctl.cli import EXIT_CODES_HELP
+from glmctl.errors import EXIT_CODES_HELP
 from glmctl.console import emit_json, parse_duration, print_table, stdout_is_tty
 from glmctl.errors import UsageError
 from glmctl.evaluation.results import table_rows

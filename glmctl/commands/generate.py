@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from glmctl.cli import EXIT_CODES_HELP
+from glmctl.errors import EXIT_CODES_HELP
 from glmctl.generation import GenerationConfig as G
 from glmctl.stages.generate import GenerateConfig as C, run
 

@@ -9,7 +9,7 @@ import typer
 
 from glmctl.artifacts import read_manifest
 from glmctl.checkpoint import tensor_table
-from glmctl.cli import EXIT_CODES_HELP
+from glmctl.errors import EXIT_CODES_HELP
 from glmctl.config import ModelConfig, get_preset
 from glmctl.console import emit_json, human_bytes, parse_size, print_table
 from glmctl.errors import UsageError

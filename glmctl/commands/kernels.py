@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from glmctl import console, kernels
-from glmctl.cli import EXIT_CODES_HELP
+from glmctl.errors import EXIT_CODES_HELP
 
 EPILOG = ("Examples:\n\n  glmctl kernels\n\n  glmctl kernels --json\n\n"
           "Rebuild the compiled kernels with `pip install --no-build-isolation -e .` "

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from glmctl import runtime
-from glmctl.cli import EXIT_CODES_HELP
+from glmctl.errors import EXIT_CODES_HELP
 from glmctl.console import emit_json, parse_duration, print_table
 from glmctl.errors import UsageError
 from glmctl.stages.pretrain import PretrainConfig as C, run

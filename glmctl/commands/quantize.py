@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from glmctl.cli import EXIT_CODES_HELP
+from glmctl.errors import EXIT_CODES_HELP
 from glmctl.console import emit_json, print_table
 from glmctl.errors import GateFailed
 from glmctl.stages.quantize import REPORT_COLUMNS, QuantizeConfig as C, report_rows, run

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from glmctl.cli import EXIT_CODES_HELP
+from glmctl.errors import EXIT_CODES_HELP
 from glmctl.console import emit_json, print_table
 from glmctl.errors import InputError
 from glmctl.report import collect, rerun_command, summary_rows, write_report

@@ -1,4 +1,4 @@
-"""Evaluation on GLM-130B-format tasks (spec §4.4, §9), used by ``glmctl evaluate``.
+"""Evaluation on GLM-130B-format tasks (docs/glm130b.md §4.4, §9), used by ``glmctl evaluate``.
 
     tasks     task YAMLs (GLM-130B's format, read unmodified), file groups, task hashes
     data      the JSON-lines data, validated line by line

@@ -1,4 +1,4 @@
-"""Evaluation data: GLM-130B's JSON-lines files, validated line by line (spec §9.1).
+"""Evaluation data: GLM-130B's JSON-lines files, validated line by line (docs/glm130b.md §9.1).
 
     mul  {"inputs_pretokenized": str, "choices_pretokenized": [str, ...], "label": int}
     gen  {"inputs_pretokenized": str, "targets_pretokenized": [str, ...]}
@@ -119,7 +119,7 @@ def _list_field(item: dict, key: str, where: str, tokenizer, ids) -> tuple[list[
 
 def read_multiple_choice(path: Path, tokenizer, ids, max_seq_length: int, limit: int | None = None) -> list[Example]:
     """Multiple-choice examples; the context is left-truncated so that context + choices + 2 fit
-    (spec §9.1; a single-token choice set needs one position)."""
+    (docs/glm130b.md §9.1; a single-token choice set needs one position)."""
     out = []
     for n, item in read_jsonl(path):
         if limit is not None and len(out) >= limit:

@@ -1,6 +1,6 @@
 """Run one task against a model: build requests, score or decode them, compute metrics.
 
-Each protocol (spec §9.2-9.3) yields per-example values, collected per data file:
+Each protocol (docs/glm130b.md §9.2-9.3) yields per-example values, collected per data file:
 
     mul      acc,none  acc_norm,none          summed choice log-prob, argmax; acc_norm divides
                                               by the choice's character length (lm-eval)

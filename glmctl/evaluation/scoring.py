@@ -1,4 +1,4 @@
-"""Scoring token log-probabilities with a GLM: batched, padded, cached (spec §4.4, §9.2).
+"""Scoring token log-probabilities with a GLM: batched, padded, cached (docs/glm130b.md §4.4, §9.2).
 
 A scoring *request* is one sequence with its own attention mask and a list of (index, token)
 targets: the log-prob of ``token`` is read from the logits at ``index``. Multiple choice,
@@ -33,7 +33,7 @@ class Request:
     """One sequence to score. Its attention mask is described, not stored (a 2048-token mask is
     4 MB; WikiText-103 has a thousand windows): the first ``prefix_len`` tokens are bidirectional,
     the rest causal within their block (``blocks``: a block id per token, default all 0); blocks
-    never see each other (spec §4.4). ``mask()`` builds it."""
+    never see each other (docs/glm130b.md §4.4). ``mask()`` builds it."""
     tokens: list[int]
     positions: list[int]
     prefix_len: int
@@ -56,7 +56,7 @@ def request_key(*parts) -> str:
 # ---- building requests ---------------------------------------------------------------------
 def multiple_choice_request(context: list[int], choices: list[list[int]], ids: dict[str, int],
                             use_task_mask: bool, single_token: bool | None = None) -> tuple[Request, list[list[int]]]:
-    """The packed multiple-choice sequence of one example (spec §4.4) and, per choice, the
+    """The packed multiple-choice sequence of one example (docs/glm130b.md §4.4) and, per choice, the
     indices of its targets in ``Request.targets``.
 
     The context is bidirectional; each choice is a causal block [sop] + choice[:-1] that sees
@@ -109,7 +109,7 @@ def _blank_choice_input(context, choices, sop_id, mask_id, single_token):
 
 def window_request(prompt: list[int], text: list[int], ids: dict[str, int], use_task_mask: bool = True,
                    unidirectional: bool = False) -> Request:
-    """LM scoring of ``text`` after ``prompt`` (spec §4.4, ``masks.lm_window``): prompt + [M]
+    """LM scoring of ``text`` after ``prompt`` (docs/glm130b.md §4.4, ``masks.lm_window``): prompt + [M]
     bidirectional, then [sop] + text[:-1] causal, every text token a target. ``unidirectional``:
     the prompt is causal too (it still conditions, but sees nothing to its right)."""
     mask_id = ids["[gMASK]"] if use_task_mask else ids["[MASK]"]
@@ -118,7 +118,7 @@ def window_request(prompt: list[int], text: list[int], ids: dict[str, int], use_
 
 
 def lm_windows(n_tokens: int, max_seq_length: int, generation_length: int) -> list[tuple[int, int, int]]:
-    """GLM-130B's sliding windows over a document of ``n_tokens`` tokens (spec §9.2) as
+    """GLM-130B's sliding windows over a document of ``n_tokens`` tokens (docs/glm130b.md §9.2) as
     (prompt_start, text_start, text_end): window 0 scores tokens [0, L-1) with no prompt; window
     k scores the next ``generation_length`` tokens with the L-1-g tokens before them as prompt.
 

@@ -1,4 +1,4 @@
-"""Task definitions: GLM-130B's task YAML format, read unmodified (spec §9.1).
+"""Task definitions: GLM-130B's task YAML format, read unmodified (docs/glm130b.md §9.1).
 
     name: "LAMBADA"                    # required
     type: "gen"                        # mul | gen | lm (required)

@@ -1,4 +1,4 @@
-"""The GLM-130B network (spec §2), one implementation for every size.
+"""The GLM-130B network (docs/glm130b.md §2), one implementation for every size.
 
     h0 = E[tokens]                                  (no scaling, no position table)
     for each layer:  a = LN_in(x);  h = alpha*a + Attn(a)
@@ -23,7 +23,7 @@ from glmctl.model import parallel as tp
 from glmctl.tp_layout import shard_tensor
 
 
-# ---- RoPE (spec §2.3): 1-D, half rotation (dim j pairs with j + d/2), over the full head dim ----
+# ---- RoPE (docs/glm130b.md §2.3): 1-D, half rotation (dim j pairs with j + d/2), over the full head dim ----
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype,
                  fp16_angles: bool = False):
     """cos/sin tables [b, s, 1, d] for the given position ids.
@@ -91,7 +91,7 @@ class SelfAttention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         b, s, _ = x.shape
         n, d = self.heads_local, self.head_dim
-        # Head-major fused layout: per head [q(d) | k(d) | v(d)] (spec §2.3). Bias before RoPE.
+        # Head-major fused layout: per head [q(d) | k(d) | v(d)] (docs/glm130b.md §2.3). Bias before RoPE.
         qkv = self.query_key_value(x).view(b, s, n, 3 * d)
         q, k, v = qkv.split(d, dim=-1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -125,7 +125,7 @@ class SelfAttention(nn.Module):
 
 
 class GeGLU(nn.Module):
-    """dense_h_to_4h -> [x1 | x2] halves -> x1 * GELU_erf(x2) -> dense_4h_to_h (spec §2.4)."""
+    """dense_h_to_4h -> [x1 | x2] halves -> x1 * GELU_erf(x2) -> dense_4h_to_h (docs/glm130b.md §2.4)."""
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
@@ -179,7 +179,7 @@ class GLM(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config, device, dtype)
-        # Embedding gradient shrink (spec §5.3): forward unchanged, gradient into E scaled by this.
+        # Embedding gradient shrink (docs/glm130b.md §5.3): forward unchanged, gradient into E scaled by this.
         self.embedding_grad_shrink = 1.0
         # Gradient checkpointing of each layer (pretraining large models).
         self.activation_checkpointing = False
@@ -226,14 +226,14 @@ class GLM(nn.Module):
         state_dict = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    # ---- initialisation (spec §2.7) ------------------------------------------------------
+    # ---- initialisation (docs/glm130b.md §2.7) ------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, std: float | None = None, embedding_std: float | None = None):
         """DeepNorm init: Xavier-normal with gain (2N)^-1/2 on v, out, and the FFN matrices
         (per logical matrix), N(0, std) on q and k (std = sqrt(1/(3d)) by default, 0.0052 at
         d = 12288), N(0, embedding_std) on the embedding, zero biases, unit LayerNorms.
 
-        The embedding's std is not documented (spec §2.7). It defaults to 1/d, not to the q/k
+        The embedding's std is not documented (docs/glm130b.md §2.7). It defaults to 1/d, not to the q/k
         std: the output is tied to the embedding and the stack starts near the identity
         (DeepNorm's alpha), so at init each position's own token gets a logit of about
         d * embedding_std. With sqrt(1/(3d)) that is sqrt(d/3) (11 at d = 384), and a causal-LM

@@ -1,4 +1,4 @@
-"""Attention masks and position ids for every GLM case (spec §4). True = may not attend.
+"""Attention masks and position ids for every GLM case (docs/glm130b.md §4). True = may not attend.
 
 One rule covers them all. Each token has a *sample* id (packed sequences; -1 = padding), a
 *block* id (Part B / a multiple-choice option) and a *prefix* flag (Part A, bidirectional).
@@ -35,13 +35,13 @@ def build_mask(prefix: torch.Tensor, sample: torch.Tensor | None = None, block: 
 
 
 def prefix_lm_mask(seq_len: int, prefix_len: int, device=None) -> torch.Tensor:
-    """[1, 1, s, s]: columns < prefix_len visible to all rows, causal afterwards (spec §4.1)."""
+    """[1, 1, s, s]: columns < prefix_len visible to all rows, causal afterwards (docs/glm130b.md §4.1)."""
     prefix = (torch.arange(seq_len, device=device) < prefix_len)[None]
     return build_mask(prefix)
 
 
 def find_mask(tokens: list[int], ids: dict[str, int]) -> tuple[int, int] | None:
-    """The mask in use (spec §4.3): first [MASK] if any, else first [sMASK], else first [gMASK].
+    """The mask in use (docs/glm130b.md §4.3): first [MASK] if any, else first [sMASK], else first [gMASK].
     Returns (mask_id, index) or None."""
     for name in ("[MASK]", "[sMASK]", "[gMASK]"):
         if ids[name] in tokens:
@@ -50,7 +50,7 @@ def find_mask(tokens: list[int], ids: dict[str, int]) -> tuple[int, int] | None:
 
 
 def generation_input(context: list[int], ids: dict[str, int]):
-    """Tokens, positions and prefix length for one generation round (spec §4.2-4.3).
+    """Tokens, positions and prefix length for one generation round (docs/glm130b.md §4.2-4.3).
 
     ``context`` must already contain a mask token (see ``prepare_prompt``). Returns
     (tokens, positions, prefix_len, mask_index, gen_position) where tokens = context + [sop],
@@ -85,7 +85,7 @@ def prepare_prompt(tokens: list[int], ids: dict[str, int]) -> list[int]:
 
 
 def lm_window(prompt: list[int], text: list[int], mask_id: int, sop_id: int):
-    """LM scoring input (spec §4.4): tokens = prompt + [M, sop] + text[:-1], targets = text
+    """LM scoring input (docs/glm130b.md §4.4): tokens = prompt + [M, sop] + text[:-1], targets = text
     at the positions from <sop> on; prompt + M bidirectional; positions arange.
     Returns (tokens, positions, mask [1,1,s,s], target_positions, targets)."""
     tokens = list(prompt) + [mask_id, sop_id] + list(text[:-1])
@@ -97,7 +97,7 @@ def lm_window(prompt: list[int], text: list[int], mask_id: int, sop_id: int):
 
 def multiple_choice_input(context: list[int], choices: list[list[int]], mask_id: int, sop_id: int,
                           gmask: bool, single_token: bool = False):
-    """Packed multiple choice (spec §4.4): context + [M], then one block [sop] + choice[:-1] per
+    """Packed multiple choice (docs/glm130b.md §4.4): context + [M], then one block [sop] + choice[:-1] per
     choice; blocks never see each other. Returns (tokens, positions, mask, spans) where spans[c]
     lists (position_in_sequence, target_token) pairs whose log-probs sum to the choice score.
     With ``single_token`` all choices are one token and share a single <sop>."""

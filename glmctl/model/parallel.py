@@ -1,4 +1,4 @@
-"""Tensor-parallel state and the Megatron-style layers (spec §2, §6.3).
+"""Tensor-parallel state and the Megatron-style layers (docs/glm130b.md §2, §6.3).
 
 At tensor-parallel world size 1 every layer here is the plain layer: no communication, and the
 parameter shapes are the global ones. With ``init_tensor_parallel(tp)`` under torch.distributed
