@@ -23,6 +23,7 @@ import platform
 import shutil
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 from glmctl import __version__
@@ -139,8 +140,7 @@ def environment() -> dict:
         env["cuda_available"] = torch.cuda.is_available()
     else:
         try:
-            from importlib.metadata import version
-            env["torch"] = version("torch")
+            env["torch"] = metadata.version("torch")
         except Exception:  # noqa: BLE001
             pass
     env["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))

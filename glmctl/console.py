@@ -14,6 +14,11 @@ import re
 import sys
 import time
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RP
+from rich.table import Table
+
 
 def stderr_is_tty() -> bool:
     return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
@@ -59,8 +64,6 @@ def _fmt(v) -> str:
 def print_table(title: str | None, columns: list[str], rows: list[list], file=None) -> None:
     file = file or sys.stdout
     if file.isatty():
-        from rich.console import Console
-        from rich.table import Table
         t = Table(title=title)
         for c in columns:
             t.add_column(c)
@@ -92,9 +95,6 @@ class Progress:
         self.enabled = enabled and not _quiet
         self._rich = None
         if self.enabled and stderr_is_tty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-            from rich.progress import Progress as RP
             self._rich = RP(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                             console=Console(file=sys.stderr), transient=False)

@@ -52,7 +52,7 @@ def cuda_build_wanted() -> tuple[bool, str]:
     """(build the CUDA extension?, why not)."""
     if os.environ.get("GLMCTL_NO_CUDA") == "1":
         return False, "GLMCTL_NO_CUDA=1"
-    import torch
+    import torch  # lazy: setup.py imports this module in build environments that may lack torch
     if not torch.version.cuda:
         return False, f"torch {torch.__version__} is not a CUDA build"
     home = _default_cuda_home()
@@ -96,7 +96,7 @@ def extension_modules() -> list:
     if os.environ.get("GLMCTL_NO_KERNELS") == "1":
         return []
     want_cuda, why_not = cuda_build_wanted()  # sets CUDA_HOME before cpp_extension reads it
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # lazy: see cuda_build_wanted (and after CUDA_HOME is set)
     common = ["-O3", "-g0", "-DNDEBUG"]
     exts = [cpp_extension.CppExtension(
         "glmctl.kernels._cpu", [_src(s) for s in CPU_SOURCES],
@@ -122,7 +122,7 @@ def extension_modules() -> list:
 
 
 def _make_build_ext():
-    from torch.utils.cpp_extension import BuildExtension
+    from torch.utils.cpp_extension import BuildExtension  # lazy: see cuda_build_wanted
 
     class TolerantBuildExtension(BuildExtension):
         """BuildExtension that skips (and reports) an extension that fails to compile."""

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from glmctl.console import print_table
 
+from .build import cuda_arch_flags
+
 CSRC = Path(__file__).resolve().parent / "csrc"
 
 # Dynamic shared memory the launchers request (quant_cuda.cu): the tensor-core kernel uses
@@ -93,7 +95,6 @@ def main(argv=None) -> int:
     if not nvcc:
         print("glmctl.kernels.report: no nvcc (set CUDA_HOME)", file=sys.stderr)
         return 1
-    from .build import cuda_arch_flags
     archs = a.arch or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
     flags, _ = cuda_arch_flags(archs)
     with tempfile.TemporaryDirectory() as tmp:
