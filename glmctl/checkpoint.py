@@ -9,13 +9,18 @@
       manifest.json                    written last
 
 ``save_model`` and ``load_model`` are the one way weights are written and read. A checkpoint
-saved at TP=k loads at TP=k under torchrun (each rank reads its file) and at TP=1 in one
-process (the shards are merged on load); any other TP is resharded on load in memory.
+saved at TP=k loads at any TP: each rank reads only the bytes of its own slices
+(``CheckpointReader``: its own file at the stored TP; rows/columns of one or more stored files
+otherwise), straight onto its device one tensor at a time.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import struct
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +33,7 @@ from glmctl import tp_layout
 from glmctl.config import ModelConfig
 from glmctl.errors import InputError
 from glmctl.model import GLM
+from glmctl.model.glm import GLMBlock
 from glmctl.model import parallel as tp
 
 INDEX = "model.safetensors.index.json"
@@ -163,23 +169,6 @@ def open_safetensors(f: Path):
         raise InputError(f"{f}: damaged safetensors file ({str(e).splitlines()[0]})") from None
 
 
-def read_rank(path: Path, cfg: ModelConfig, rank: int) -> dict[str, torch.Tensor]:
-    """All tensors of one tensor-parallel rank (as stored)."""
-    out = {}
-    for fname in rank_files(path, cfg)[rank]:
-        f = path / fname
-        handle = open_safetensors(f)
-        try:
-            with handle as h:
-                for k in h.keys():
-                    out[k] = h.get_tensor(k)
-        except InputError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise InputError(f"{f}: damaged safetensors file ({str(e).splitlines()[0]})") from None
-    return out
-
-
 def tensor_table(path: Path) -> list[tuple[str, int, tuple, str]]:
     """(name, rank, shape, dtype) of every stored tensor, from the headers only."""
     cfg = ModelConfig.load(path)
@@ -193,28 +182,156 @@ def tensor_table(path: Path) -> list[tuple[str, int, tuple, str]]:
     return rows
 
 
-def read_state_dict(path: str | Path, tp_out: int = 1, rank: int = 0) -> tuple[ModelConfig, dict]:
-    """The state dict of ``rank`` at tensor-parallel size ``tp_out``, resharded from what is stored."""
-    path = Path(path)
-    read_manifest(path)
-    cfg = ModelConfig.load(path)
-    tp_in = cfg.tensor_parallel_size
-    if tp_in == tp_out:
-        return cfg.replace(tensor_parallel_size=tp_out), read_rank(path, cfg, rank)
-    shards = [read_rank(path, cfg, r) for r in range(tp_in)]
-    names = list(shards[0])
-    for r, s in enumerate(shards[1:], start=1):
-        if set(s) != set(names):
-            missing = sorted(set(names) ^ set(s))[0]
-            raise InputError(f"{path}: rank {r} and rank 0 hold different tensors (e.g. {missing})")
-    out = {}
-    for name in names:
+class CheckpointReader:
+    """A native checkpoint read by slices: the safetensors headers are parsed up front and each
+    read is ``os.preadv`` of exactly the bytes a rank needs (no mmap, no whole shard), so a rank
+    of a TP=8 checkpoint loaded at TP=4 reads its own rows/columns from two stored files and
+    nothing else. ``bytes_read`` counts what was read. ``require_manifest=False`` reads a
+    directory still being written (a stage's own output before its manifest)."""
+
+    def __init__(self, path: str | Path, *, require_manifest: bool = True):
+        self.path = Path(path)
+        if require_manifest:
+            read_manifest(self.path)
+        self.cfg = ModelConfig.load(self.path)
+        self.tp = self.cfg.tensor_parallel_size
+        files = rank_files(self.path, self.cfg)
+        if sorted(files) != list(range(self.tp)):
+            raise InputError(f"{self.path}: config.json says TP={self.tp} but the files hold ranks {sorted(files)}")
+        # entries[rank][name] = (file, absolute byte offset, local shape, dtype)
+        self.entries: list[dict] = []
+        for rank in range(self.tp):
+            ent = {}
+            for fname in files[rank]:
+                ent.update(_safetensors_header(self.path / fname))
+            self.entries.append(ent)
+        self.names = list(self.entries[0])
+        for r, ent in enumerate(self.entries[1:], start=1):
+            if set(ent) != set(self.names):
+                missing = sorted(set(self.names) ^ set(ent))[0]
+                raise InputError(f"{self.path}: rank {r} and rank 0 hold different tensors (e.g. {missing})")
+        self.dtypes = {n: self.entries[0][n][3] for n in self.names}
+        self.bytes_read = 0
+
+    def check_model(self) -> None:
+        """The stored tensors are those config.json describes, at their global shapes (InputError)."""
+        expected = build_model(self.cfg.replace(tensor_parallel_size=1), device="meta").state_dict()
+        for n, t in expected.items():
+            if n not in self.dtypes:
+                raise InputError(f"{self.path}: missing tensor {n} (checkpoint does not match its config.json)")
+            if self.global_shape(n) != tuple(t.shape):
+                raise InputError(f"{self.path}: tensor {n} has shape {self.global_shape(n)}, config.json implies "
+                                 f"{tuple(t.shape)}")
+        extra = sorted(n for n in set(self.names) - set(expected) if not n.endswith("rotary_emb.inv_freq"))
+        if extra:  # SAT's rotary buffers are recomputed (model_from_state_dict drops them)
+            raise InputError(f"{self.path}: unexpected tensor {extra[0]} (checkpoint does not match its config.json)")
+
+    def global_shape(self, name: str) -> tuple:
         try:
-            full = tp_layout.merge_tensors(name, [s[name] for s in shards])
-            out[name] = tp_layout.shard_tensor(name, full, tp_out, rank)
-        except (tp_layout.LayoutError, RuntimeError) as e:
-            raise InputError(f"{path}: cannot reshard {name} from TP={tp_in} to TP={tp_out}: {e}") from None
-    return cfg.replace(tensor_parallel_size=tp_out), out
+            return tp_layout.global_shape(name, self.entries[0][name][2], self.tp)
+        except KeyError:
+            raise InputError(f"{self.path}: no tensor {name}") from None
+
+    def local_shape(self, name: str, tp_out: int) -> tuple:
+        shape = list(self.global_shape(name))
+        dim, ranges = tp_layout.rank_ranges(name, tuple(shape), tp_out, 0)
+        if dim is not None:
+            shape[dim] = sum(b - a for a, b in ranges)
+        return tuple(shape)
+
+    def read(self, name: str, tp_out: int | None = None, rank: int = 0) -> torch.Tensor:
+        """Tensor ``name`` as rank ``rank`` of ``tp_out`` (default: as stored) holds it."""
+        tp_out = self.tp if tp_out is None else tp_out
+        if tp_out == self.tp:
+            return self._read_local(rank, name, None, None)
+        gshape = self.global_shape(name)
+        kind = tp_layout.classify(name)
+        if kind == tp_layout.REPLICATED:  # every rank stores it: rank 0's copy
+            return self._read_local(0, name, None, None)
+        try:
+            dim, ranges = tp_layout.rank_ranges(name, gshape, tp_out, rank)
+            if dim is None:  # tp_out == 1: the global tensor, merged from the stored ranks
+                dim = 1 if kind == tp_layout.ROW else 0
+                ranges = [(0, gshape[dim])]
+            parts = [self._read_local(s, name, dim, (a, b))
+                     for start, stop in ranges for s, a, b in tp_layout.locate(name, gshape, self.tp, start, stop)]
+        except tp_layout.LayoutError as e:
+            raise InputError(f"{self.path}: cannot reshard {name} from TP={self.tp} to TP={tp_out}: {e}") from None
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    def _read_local(self, rank: int, name: str, dim, span) -> torch.Tensor:
+        """Stored rank ``rank``'s tensor, or its [a, b) range along ``dim``."""
+        f, offset, shape, dtype = self.entries[rank][name]
+        el = _element_size(dtype)
+        shape = list(shape)
+        if dim is None or (span[0] == 0 and span[1] == shape[dim]):
+            runs = [(offset, math.prod(shape) * el)]
+        elif dim == 0:
+            row = math.prod(shape[1:]) * el
+            runs = [(offset + span[0] * row, (span[1] - span[0]) * row)]
+            shape[0] = span[1] - span[0]
+        else:  # dim 1 of a 2-D tensor: one run per row
+            n, k = shape
+            w = (span[1] - span[0]) * el
+            runs = [(offset + (i * k + span[0]) * el, w) for i in range(n)]
+            shape[1] = span[1] - span[0]
+        total = sum(n for _, n in runs)
+        buf = torch.empty(total, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            pos = 0
+            for off, n in runs:
+                while n:
+                    got = os.preadv(fd, [view[pos:pos + n]], off)
+                    if got <= 0:
+                        raise InputError(f"{f}: damaged safetensors file (truncated in {name})")
+                    pos, off, n = pos + got, off + got, n - got
+        finally:
+            os.close(fd)
+        self.bytes_read += total
+        return buf.view(dtype).reshape(shape) if total else torch.empty(shape, dtype=dtype)
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _safetensors_header(f: Path) -> dict:
+    """{name: (file, absolute data offset, shape, dtype)} from a .safetensors header."""
+    if not f.exists():
+        raise InputError(f"{f}: missing checkpoint file")
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as h:
+            (n,) = struct.unpack("<Q", h.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(h.read(n))
+        out = {}
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            a, b = e["data_offsets"]
+            dtype = _ST_DTYPES[e["dtype"]]
+            if b - a != math.prod(e["shape"]) * _element_size(dtype) or 8 + n + b > size:
+                raise ValueError(f"tensor {name} lies outside the file")
+            out[name] = (f, 8 + n + a, tuple(e["shape"]), dtype)
+        return out
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
+        raise InputError(f"{f}: damaged safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def read_state_dict(path: str | Path, tp_out: int = 1, rank: int = 0) -> tuple[ModelConfig, dict]:
+    """The state dict of ``rank`` at tensor-parallel size ``tp_out``: only the slices that rank
+    holds are read (CheckpointReader), never whole shards of another TP."""
+    reader = CheckpointReader(path)
+    return reader.cfg.replace(tensor_parallel_size=tp_out), {n: reader.read(n, tp_out, rank) for n in reader.names}
 
 
 def build_model(cfg: ModelConfig, dtype=None, device=None) -> GLM:
@@ -242,8 +359,21 @@ def model_from_state_dict(cfg: ModelConfig, sd: dict, dtype=None, device=None, w
     checked against ``cfg``, float tensors cast to ``dtype`` (default: as stored; int8 weights and
     their scales stay as they are), assigned without a copy, moved to ``device``, in eval mode."""
     dtype = parse_dtype(dtype) or stored_dtype({k: v.dtype for k, v in sd.items()})
-    model = build_model(cfg, dtype=dtype, device="meta")
-    expected = model.state_dict()
+    return _assign(build_model(cfg, dtype=dtype, device="meta"), sd, dtype, device, where)
+
+
+def layer_from_state_dict(cfg: ModelConfig, index: int, sd: dict, dtype=None, device=None,
+                          where: str = "checkpoint"):
+    """Block ``index`` of the GLM ``cfg`` alone (what a layer-by-layer pass builds, one at a time),
+    from its tensors named without the ``transformer.layers.N.`` prefix; the same checks and
+    casts as ``model_from_state_dict`` (which, given a config with ``num_layers=0``, builds the
+    other end of such a pass: embedding, final LayerNorm and the tied output)."""
+    dtype = parse_dtype(dtype) or stored_dtype({k: v.dtype for k, v in sd.items()})
+    return _assign(GLMBlock(cfg, index, device="meta", dtype=dtype), sd, dtype, device, where)
+
+
+def _assign(module, sd: dict, dtype, device, where: str):
+    expected = module.state_dict()
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # SAT's buffers: recomputed
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -256,18 +386,56 @@ def model_from_state_dict(cfg: ModelConfig, sd: dict, dtype=None, device=None, w
                              f"{tuple(expected[k].shape)}")
         if is_float_weight(k, v):
             sd[k] = v.to(dtype)
-    model.load_state_dict(sd, strict=True, assign=True)
+    module.load_state_dict(sd, strict=True, assign=True)
     if device is not None:
-        model = model.to(device)
-    return model.eval()
+        module = module.to(device)
+    return module.eval()
 
 
 def load_model(path: str | Path, dtype=None, device=None) -> GLM:
     """Load a native checkpoint for the current tensor-parallel layout (glmctl.model.parallel).
 
     dtype: torch dtype or 'fp32'/'bf16'/'fp16' for the float tensors (default: as stored);
-    int8 quantized weights stay int8. Returns the model in eval mode.
+    int8 quantized weights stay int8. Each tensor is read as this rank's slice (only its bytes),
+    cast and moved to ``device`` on its own, so the host holds one tensor at a time, not a
+    second copy of the model. Load time, bytes read and peak host/device memory: ``LOAD_STATS``.
     """
-    cfg, sd = read_state_dict(path, tp.tp_size(), tp.tp_rank())
-    return model_from_state_dict(cfg, sd, dtype, device, where=str(path))
+    t0 = time.perf_counter()
+    reader = CheckpointReader(path)
+    tp_out, rank = tp.tp_size(), tp.tp_rank()
+    dtype = parse_dtype(dtype) or stored_dtype(reader.dtypes)
+    sd = {}
+    for name in reader.names:
+        t = reader.read(name, tp_out, rank)
+        if is_float_weight(name, t) and t.dtype != dtype:
+            t = t.to(dtype)
+        sd[name] = t if device is None else t.to(device)
+    model = model_from_state_dict(reader.cfg.replace(tensor_parallel_size=tp_out), sd, dtype, device,
+                                  where=str(path))
+    LOAD_STATS.clear()
+    LOAD_STATS.update(memory_stats(device), path=str(path), rank=rank, tp=tp_out, seconds=time.perf_counter() - t0,
+                      bytes_read=reader.bytes_read, stored_tp=reader.tp)
+    return model
 
+
+# What the last load_model did: path, rank, tp, seconds, bytes_read, peak_rss_bytes, peak_device_bytes.
+LOAD_STATS: dict = {}
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size (VmHWM), or None where /proc is unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_stats(device=None) -> dict:
+    """{'peak_rss_bytes': VmHWM, 'peak_device_bytes': CUDA peak allocated (None off CUDA)}."""
+    dev = None if device is None else torch.device(device)
+    peak_dev = torch.cuda.max_memory_allocated(dev) if dev is not None and dev.type == "cuda" else None
+    return {"peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_dev}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from glmctl.errors import InputError, UsageError
 
+ROPE_MODES = ("exact", "sat")
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "eod", "sop", "eop", "ENC", "dBLOCK")
 
 
@@ -26,8 +27,10 @@ class ModelConfig:
     max_sequence_length: int = 2048
     layernorm_epsilon: float = 1e-5
     rotary_base: float = 10000.0
-    # SAT 0.2.x computes RoPE angles in fp16 (docs/glm130b.md §2.3). True reproduces that bit for bit.
-    rope_fp16: bool = False
+    # RoPE angles (docs/glm130b.md §2.3): "exact" (fp32 frequencies and angles; models trained with
+    # glmctl) or "sat" (SAT 0.2.x: frequencies rounded to fp16, angles in the compute dtype; the
+    # default for checkpoints imported from SAT). Old configs' rope_fp16 maps to these (from_dict).
+    rope: str = "exact"
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     tensor_parallel_size: int = 1
@@ -45,6 +48,8 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.rope not in ROPE_MODES:
+            raise UsageError(f"rope {self.rope!r}: choose {' or '.join(ROPE_MODES)}")
         if self.hidden_size % self.num_attention_heads:
             raise UsageError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
@@ -91,6 +96,9 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise InputError(f"{source}: expected a JSON object")
         known = {f.name: f for f in fields(cls)}
+        if "rope_fp16" in d and "rope" not in d:  # configs written before the rope mode existed
+            d = dict(d)
+            d["rope"] = "sat" if d.pop("rope_fp16") else "exact"
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise InputError(f"{source}: unknown field(s) {', '.join(unknown)}")

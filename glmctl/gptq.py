@@ -20,8 +20,9 @@ from the (error-updated) weights when their group is reached, as in the paper; w
 ``act_order`` (columns visited by decreasing diag H) they are fixed up front from the original
 weights ("static groups"), so the groups stay contiguous and the format does not change.
 
-``gptq_model`` runs this over a GLM layer by layer: the calibration windows go through the
-network once up to layer 0; then for each layer the inputs of its four linears are collected
+``gptq_model`` runs this over a whole GLM in memory, ``gptq_layer`` over one block (what
+glmctl.quantization streams from the checkpoint's files). Layer by layer: the calibration
+windows go through the network once up to layer 0; then for each layer the inputs of its four linears are collected
 with forward hooks, in execution order (qkv, dense, h_to_4h, 4h_to_h: each one sees the
 already quantized linears before it), and the layer's quantized output feeds the next layer.
 """
@@ -196,30 +197,50 @@ def gptq_model(model, batches, bits: int, group_size: int | None = None, *, bloc
     results: dict[str, GPTQResult] = {}
     done = 0
     for li, layer in enumerate(layers):
-        for name in LINEAR_NAMES:
-            linear = layer.get_submodule(name)
-            hess = Hessian(linear.weight.shape[1], device=linear.weight.device)
-
-            def collect(_mod, inp, _out, hess=hess):
-                hess.add(inp[0])
-                raise _Stop
-
-            h = linear.register_forward_hook(collect)
-            try:
-                for x, (cos, sin, mask) in zip(hidden, rest):
-                    try:
-                        layer(x, cos, sin, mask, None)
-                    except _Stop:
-                        pass
-            finally:
-                h.remove()
-            res = gptq_quantize(linear.weight, hess.H, bits, group_size, block_size=block_size, damp=damp,
-                                act_order=act_order, scale_dtype=scale_dtype)
-            linear.weight.copy_(res.dequantized.to(linear.weight.dtype))
+        for name, res in gptq_layer(layer, hidden, rest, bits, group_size, block_size=block_size, damp=damp,
+                                    act_order=act_order, scale_dtype=scale_dtype).items():
             results[f"transformer.layers.{li}.{name}.weight"] = res
-            del hess
             done += 1
             if progress is not None:
                 progress(done)
         hidden = [layer(x, cos, sin, mask, None) for x, (cos, sin, mask) in zip(hidden, rest)]
     return results
+
+
+@torch.no_grad()
+def gptq_layer(layer, hidden, rest, bits: int, group_size: int | None = None, *, block_size: int = 128,
+               damp: float = 0.01, act_order: bool = False,
+               scale_dtype: torch.dtype = torch.float16) -> dict[str, GPTQResult]:
+    """GPTQ of the four linears of one GLM block, in execution order, given its inputs.
+
+    ``hidden``: the block's input hidden states, one per calibration batch (a list, or anything
+    iterable again and again, e.g. glmctl.quantization.ActivationStore); ``rest``: the matching
+    (cos, sin, mask). Each linear's Hessian comes from running the block with the linears
+    before it already quantized; its weight is overwritten by the dequantized values. Returns
+    {linear name (LINEAR_NAMES): GPTQResult}. The caller propagates ``hidden`` through the
+    quantized block to the next one.
+    """
+    out = {}
+    for name in LINEAR_NAMES:
+        linear = layer.get_submodule(name)
+        hess = Hessian(linear.weight.shape[1], device=linear.weight.device)
+
+        def collect(_mod, inp, _out, hess=hess):
+            hess.add(inp[0])
+            raise _Stop
+
+        h = linear.register_forward_hook(collect)
+        try:
+            for x, (cos, sin, mask) in zip(hidden, rest):
+                try:
+                    layer(x, cos, sin, mask, None)
+                except _Stop:
+                    pass
+        finally:
+            h.remove()
+        res = gptq_quantize(linear.weight, hess.H, bits, group_size, block_size=block_size, damp=damp,
+                            act_order=act_order, scale_dtype=scale_dtype)
+        linear.weight.copy_(res.dequantized.to(linear.weight.dtype))
+        out[name] = res
+        del hess
+    return out

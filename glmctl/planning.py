@@ -6,6 +6,8 @@ in glmctl.tp_layout — nothing is hard-coded.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from glmctl import tp_layout
@@ -30,11 +32,18 @@ def _nbytes(shape, dtype) -> int:
 
 
 def weight_bytes(cfg: ModelConfig, bits: int | None, tp: int = 1, group_size: int | None = None) -> dict:
-    """Total bytes and bytes on the fullest rank at tensor-parallel size ``tp``."""
-    total, per_rank = 0, 0
+    """Total bytes (the model as quantized at TP=1) and bytes on the fullest rank at
+    tensor-parallel size ``tp``.
+
+    Per-row scales at TP > 1 are per rank, as `glmctl quantize --tp` writes them: group scales of
+    G = gcd(hidden/TP, inner/TP) (glmctl.quantization.output_group), which the per-rank figure
+    counts (bench/glm130b_rehearsal.py compares it with the files written)."""
+    total = sum(_nbytes(shape, dtype) for shape, dtype in meta_state(cfg, bits, group_size).values())
+    if bits in (4, 8) and group_size is None and tp > 1:
+        group_size = math.gcd(cfg.hidden_size // tp, cfg.inner_hidden_size // tp)
+    per_rank = 0
     for name, (shape, dtype) in meta_state(cfg, bits, group_size).items():
         nb = _nbytes(shape, dtype)
-        total += nb
         kind = tp_layout.classify(name)
         per_rank += nb if kind == tp_layout.REPLICATED else nb // tp
     return {"total": total, "per_rank": per_rank}

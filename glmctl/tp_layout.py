@@ -147,3 +147,48 @@ def linear_in_features(name: str, hidden_size: int, inner_hidden_size: int) -> i
     if base.endswith(("query_key_value.weight", "attention.dense.weight", "dense_h_to_4h.weight")):
         return hidden_size
     return None
+
+
+# ---- slices: which global index ranges a rank holds, and where they are stored ----------------------
+def rank_ranges(name: str, global_shape: tuple, tp: int, rank: int):
+    """(dim, [(start, stop), ...]): the global index ranges along ``dim`` whose concatenation is
+    ``rank``'s shard of ``name`` at tensor-parallel size ``tp`` (shard_tensor's rule, as ranges);
+    (None, None) when the rank holds the whole tensor."""
+    kind = classify(name)
+    if tp == 1 or kind == REPLICATED:
+        return None, None
+    if kind == ROW:
+        if name.endswith("_scale") and len(global_shape) == 1:
+            raise LayoutError(f"{name}: a per-row scale of a row-parallel layer cannot be split; "
+                              "quantize with --group-size (a divisor of in/TP) to reshard without requantising")
+        dim = 1
+    else:
+        dim = 0
+    n = global_shape[dim]
+    if kind == GLU:
+        half = n // 2
+        if n % 2 or half % tp:
+            raise LayoutError(f"{name}: dim 0 of shape {tuple(global_shape)} does not split into 2 x {tp} parts")
+        k = half // tp
+        return dim, [(rank * k, (rank + 1) * k), (half + rank * k, half + (rank + 1) * k)]
+    if n % tp:
+        raise LayoutError(f"{name}: dim {dim} of shape {tuple(global_shape)} does not split into {tp} parts")
+    k = n // tp
+    return dim, [(rank * k, (rank + 1) * k)]
+
+
+def locate(name: str, global_shape: tuple, tp_stored: int, start: int, stop: int):
+    """Where the global range [start, stop) along the split dim of ``name`` lies in a checkpoint
+    stored at ``tp_stored``: [(stored rank, local start, local stop)] in global order."""
+    if tp_stored == 1:
+        return [(0, start, stop)]
+    pieces = []
+    for s in range(tp_stored):
+        _, ranges = rank_ranges(name, global_shape, tp_stored, s)
+        offset = 0
+        for a, b in ranges:
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi:
+                pieces.append((lo, s, offset + lo - a, offset + hi - a))
+            offset += b - a
+    return [p[1:] for p in sorted(pieces)]

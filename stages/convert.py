@@ -5,14 +5,15 @@
 Sources (glmctl.formats, detected): a native glmctl checkpoint; a SAT checkpoint
 (docs/glm130b.md §6.1), fp16 or quantized; a ``glmctl pretrain`` run dir (its ``latest`` step)
 or step dir (native weights, or ``zero_master`` for the fp32 ZeRO master weights in
-trainer/deepspeed); a DeepSpeed checkpoint folder. Targets: native (safetensors per TP rank,
-glmctl/checkpoint.py's layout) or SAT (``to="sat"``).
+trainer/deepspeed); a DeepSpeed checkpoint folder; a transformers export. Targets: native
+(safetensors per TP rank, glmctl/checkpoint.py's layout), SAT (``to="sat"``) or a transformers
+directory with remote code (``to="hf"``, TP=1, glmctl.formats.hf).
 
 Streaming: every tensor is read, resharded (glmctl.reshard.Plan) and written on its own into
 per-rank files whose headers were laid out from the shapes beforehand, so peak memory is a few
 tensors (bench/convert_memory.py), not the model.
 Verification runs the same random tokens with [gMASK] and [MASK] through source and result
-(each built at TP=1 by glmctl.checkpoint.model_from_state_dict, one at a time) and compares
+(each run at TP=1 one block at a time, glmctl.quantization.layerwise_logits) and compares
 logits; the output is only moved into place when they agree.
 """
 from __future__ import annotations
@@ -25,13 +26,15 @@ from pathlib import Path
 import torch
 
 from glmctl import formats
-from glmctl.checkpoint import DEFAULT_MAX_SHARD_BYTES, copy_tokenizer, model_from_state_dict, parse_dtype
+from glmctl.checkpoint import DEFAULT_MAX_SHARD_BYTES, copy_tokenizer, parse_dtype
 from glmctl.config import ModelConfig
 from glmctl.console import human_bytes, log, parse_size, progress, warn
 from glmctl.errors import GlmctlError, InputError, UsageError
+from glmctl.formats import hf
 from glmctl.formats.native import NativeSink, NativeSource
 from glmctl.formats.sat import SatSink, SatSource
 from glmctl.model import masks
+from glmctl.quantization import layerwise_logits
 from glmctl.reshard import FORMATS, Plan
 from glmctl.session import check_tokenizer
 from glmctl.stage import StageOutput, StageResult
@@ -43,7 +46,7 @@ class ConvertConfig:
     src: str
     out: str
     tp: int | None = None  # output tensor-parallel size (default: the source's)
-    to: str = "glmctl"  # glmctl | sat
+    to: str = "glmctl"  # glmctl | sat | hf
     dtype: str | None = None  # fp32 | bf16 | fp16 for floating tensors (default: as stored; scales kept)
     preset: str | None = None  # hyperparameters a SAT/DeepSpeed checkpoint does not carry
     num_attention_heads: int | None = None
@@ -53,13 +56,18 @@ class ConvertConfig:
     zero_master: bool = False  # from a pretrain step: take the ZeRO fp32 master weights
     max_shard_size: str | None = None  # split a rank's weights into files of at most this size
     iteration: str | None = None  # SAT export: the iteration folder (default: from the source)
+    dequantize: bool = False  # --to hf from a quantized source: export W = q * scale (else refused)
     seed: int = 0  # random probe tokens for verification
     if_stale: bool = False  # skip when OUT was made from the same source and options
     lock: str | None = None  # None, "auto" (.<out>.lock beside OUT) or a lock file path
 
     def validate(self) -> None:
-        if self.to not in FORMATS:
-            raise UsageError(f"--to {self.to!r}: choose glmctl or sat")
+        if self.to not in FORMATS + ("hf",):
+            raise UsageError(f"--to {self.to!r}: choose glmctl, sat or hf")
+        if self.to == "hf" and self.tp not in (None, 1):
+            raise UsageError(f"--tp {self.tp}: a transformers export is one model (TP=1)")
+        if self.dequantize and self.to != "hf":
+            raise UsageError("--dequantize applies to --to hf only (other formats keep quantized weights)")
         if self.num_attention_heads is not None and self.num_attention_heads < 1:
             raise UsageError("--num-attention-heads must be positive")
         parse_dtype(self.dtype)
@@ -69,7 +77,7 @@ class ConvertConfig:
 
     def max_shard_bytes(self) -> int:
         if self.max_shard_size is None:
-            return DEFAULT_MAX_SHARD_BYTES
+            return hf.DEFAULT_MAX_SHARD_BYTES if self.to == "hf" else DEFAULT_MAX_SHARD_BYTES
         try:
             return parse_size(self.max_shard_size)
         except ValueError:
@@ -88,8 +96,13 @@ def run(config: ConvertConfig) -> StageResult:
             formats.open_source(src_path, heads=config.num_attention_heads, preset=config.preset,
                                 zero_master=config.zero_master) as src:
         ids = attach_tokenizer(src, Path(config.tokenizer)) if config.tokenizer else {}
-        tp_out = config.tp or src.tp
-        plan = Plan(src, tp_out=tp_out, to=config.to, dtype=parse_dtype(config.dtype), preset=config.preset, ids=ids)
+        to_hf = config.to == "hf"
+        if to_hf:
+            hf.check_exportable(src.cfg, config.dequantize)
+        tp_out = 1 if to_hf else config.tp or src.tp
+        plan = Plan(src, tp_out=tp_out, to="glmctl" if to_hf else config.to, dtype=parse_dtype(config.dtype),
+                    preset=config.preset, ids=ids)
+        out_cfg = plan.cfg_out.replace(quantization=None) if to_hf else plan.cfg_out  # hf: float weights
         tok_dir = Path(config.tokenizer) if config.tokenizer else src.tokenizer_dir
         iteration = str(config.iteration or (src.iteration if src.iteration is not None else "release"))
         log(f"convert: {src.label}, TP={src.tp} -> {config.to} TP={tp_out}, {len(plan.names)} tensors, "
@@ -104,20 +117,25 @@ def run(config: ConvertConfig) -> StageResult:
 
         summary = {"source_format": src.kind, "source": str(src.path), "source_tp": src.tp, "tp": tp_out,
                    "format": config.to, "tensors": plan.tensor_count,
-                   "quantization": plan.cfg_out.quantization, "largest_tensor_bytes": plan.largest_tensor_bytes}
-        config_doc = {"model": plan.cfg_out.to_dict(), "convert": config.options(),
+                   "quantization": out_cfg.quantization, "largest_tensor_bytes": plan.largest_tensor_bytes}
+        config_doc = {"model": out_cfg.to_dict(), "convert": config.options(),
                       "source": {"format": src.kind, "tensor_parallel_size": src.tp, "iteration": src.iteration}}
         if o.up_to_date(config_doc, [src_path]):
             return o.result
         with o.writer(config_doc, [src_path]) as w:
-            if config.to == "sat":
+            if to_hf:
+                with progress(len(plan.names), "convert", unit="tensors") as bar:
+                    summary["hf"] = hf.export(src, plan, w.path, tokenizer_dir=tok_dir, dequantize=config.dequantize,
+                                              max_shard_bytes=config.max_shard_bytes(), progress=bar)
+            elif config.to == "sat":
                 sink = SatSink(w.path, plan.cfg_out, plan.entries, iteration, check=plan.scales())
                 summary["iteration"] = iteration
             else:
                 sink = NativeSink(w.path, plan.cfg_out, plan.entries, config.max_shard_bytes())
-            with progress(len(plan.names), "convert", unit="tensors") as bar:
-                plan.write(sink, bar)
-            if tok_dir is not None:
+            if not to_hf:
+                with progress(len(plan.names), "convert", unit="tensors") as bar:
+                    plan.write(sink, bar)
+            if tok_dir is not None and not to_hf:
                 copy_tokenizer(tok_dir, w.path)
             elif config.to == "glmctl":
                 warn(f"{out}: no tokenizer attached (the source carries none); pass --tokenizer DIR")
@@ -183,11 +201,14 @@ def probe_inputs(cfg: ModelConfig, seed: int = 0, length: int = 24) -> dict:
 
 
 def model_logits(src: formats.Source, probes: dict, names=None) -> dict:
-    """Logits of the model ``src`` holds, built at TP=1 in fp32 (int8 weights stay int8)."""
-    model = model_from_state_dict(src.cfg.replace(tensor_parallel_size=1), src.state_dict(names),
-                                  dtype=torch.float32, where=src.label)
-    with torch.no_grad():
-        return {k: model(tok, pos, mask).float() for k, (tok, pos, mask) in probes.items()}
+    """Logits of the model ``src`` holds at TP=1 in fp32 (int8 weights stay int8), run one block
+    at a time (glmctl.quantization.layerwise_logits: the whole-model forward's operations), so
+    verifying GLM-130B holds one block, not the model."""
+    def get(name):
+        t = src.merged(name)
+        src.release(name)
+        return t
+    return layerwise_logits(src.cfg, get, probes, dtype=torch.float32)
 
 
 def auto_tolerance(src_dtype, out_dtype) -> float:
@@ -213,11 +234,16 @@ def verify_output(src: formats.Source, plan: Plan, out_dir: Path, config: Conver
     """Compare the logits of ``src`` and of the files written to ``out_dir`` (no manifest yet)."""
     probes = probe_inputs(src.cfg, config.seed)
     ref = model_logits(src, probes, plan.names)
-    result = SatSource(out_dir, base=src.cfg) if plan.to == "sat" else NativeSource(out_dir, require_manifest=False)
+    if config.to == "hf":
+        result = hf.HFSource(out_dir)
+    elif plan.to == "sat":
+        result = SatSource(out_dir, base=src.cfg)
+    else:
+        result = NativeSource(out_dir, require_manifest=False)
     with result:
         got = model_logits(result, probes)
     scale = max(1.0, max(float(v.abs().max()) for v in ref.values()))
-    src_dt = src.stored_dtype()
+    src_dt = torch.float32 if config.dequantize else src.stored_dtype()  # dequantized: rounded to the output dtype
     tol = config.tolerance if config.tolerance is not None else \
         auto_tolerance(src_dt, plan.out_dtype("x.weight", src_dt)) * scale
     diffs = {k: float((ref[k] - got[k]).abs().max()) for k in ref}

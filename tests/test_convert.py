@@ -146,7 +146,7 @@ def safetensors_state(path):
 def test_sat_import_at_tp_1_2_4_gives_the_same_logits(tmp_path):
     m = tiny()
     sd16 = {k: v.half() for k, v in m.state_dict().items()}
-    cfg = tiny_cfg()
+    cfg = tiny_cfg().replace(rope="sat")  # a SAT import runs SAT's rotary rule (docs/glm130b.md §2.3)
     want = logits(float_model(cfg, sd16), cfg)  # the fp16 weights, run in fp32
     for tp in (1, 2, 4):
         write_sat(tmp_path / f"sat{tp}", sd16, tp)

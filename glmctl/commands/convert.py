@@ -16,6 +16,8 @@ EPILOG = (
     "  glmctl convert glm-130b glm-130b-tp4 --tp 4\n\n"
     "  glmctl convert runs/small model --tp 2\n\n"
     "  glmctl convert model model-sat --to sat\n\n"
+    "  glmctl convert model model-hf --to hf --max-shard-size 5GB\n\n"
+    "  glmctl convert model-hf model-back\n\n"
     + EXIT_CODES_HELP + " A failed --verify exits 1 and leaves no output."
 )
 
@@ -26,10 +28,12 @@ def register(app: typer.Typer) -> None:
 
 def convert_cmd(
     src: Path = typer.Argument(..., help="glmctl checkpoint, SAT checkpoint (latest + <iter>/mp_rank_XX_"
-                                         "model_states.pt), pretrain run or step dir, or DeepSpeed folder."),
+                                         "model_states.pt), pretrain run or step dir, DeepSpeed folder, or "
+                                         "transformers export (convert --to hf)."),
     out: Path = typer.Argument(..., help="Output directory (built under a temporary name, manifest last)."),
     tp: Optional[int] = typer.Option(C.tp, "--tp", help="Output tensor-parallel size (default: the source's)."),
-    to: str = typer.Option(C.to, "--to", help="Output format: glmctl or sat."),
+    to: str = typer.Option(C.to, "--to", help="Output format: glmctl, sat, or hf (a transformers directory "
+                                              "with remote code, TP=1; docs/convert.md)."),
     dtype: Optional[str] = typer.Option(C.dtype, "--dtype", help="fp32, bf16 or fp16 for floating tensors "
                                                                  "(default: as stored; quantization scales are kept)."),
     preset: Optional[str] = typer.Option(C.preset, "--preset", help="Hyperparameters a SAT/DeepSpeed checkpoint "
@@ -50,7 +54,10 @@ def convert_cmd(
                                           "the native ones."),
     max_shard_size: Optional[str] = typer.Option(C.max_shard_size, "--max-shard-size",
                                                  help="Split each rank's weights into files of at most this "
-                                                      "size (default 10GiB)."),
+                                                      "size (default 10GiB; --to hf: 5GB)."),
+    dequantize: bool = typer.Option(C.dequantize, "--dequantize",
+                                    help="--to hf from a quantized checkpoint: export W = q * scale as float weights "
+                                         "(--dtype picks the precision); without it such a source is refused."),
     iteration: Optional[str] = typer.Option(C.iteration, "--iteration", help="--to sat: the iteration written to "
                                                                              "`latest` (default: the source's, else "
                                                                              "'release')."),
@@ -65,7 +72,7 @@ def convert_cmd(
         src=str(src), out=str(out), tp=tp, to=to, dtype=dtype, preset=preset,
         num_attention_heads=num_attention_heads, tokenizer=None if tokenizer is None else str(tokenizer),
         verify=verify, tolerance=tolerance, zero_master=zero_master, max_shard_size=max_shard_size,
-        iteration=iteration, if_stale=if_stale, lock="auto" if lock else None))
+        iteration=iteration, dequantize=dequantize, if_stale=if_stale, lock="auto" if lock else None))
     if json_out:
         emit_json({"up_to_date": True, "out": str(out)} if result.up_to_date else {**result.summary, "out": str(out)})
         return

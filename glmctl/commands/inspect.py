@@ -14,6 +14,7 @@ from glmctl.config import ModelConfig, get_preset
 from glmctl.console import emit_json, human_bytes, parse_size, print_table
 from glmctl.errors import UsageError
 from glmctl.formats import describe_checkpoint
+from glmctl.formats.hf import is_hf_export
 from glmctl.planning import plan
 
 
@@ -93,7 +94,7 @@ def inspect_cmd(
 def describe(path: Path) -> dict:
     """Facts about a native checkpoint; other formats (SAT, pretrain runs, DeepSpeed) by glmctl.formats."""
     path = Path(path)
-    if not (path / "config.json").exists():
+    if not (path / "config.json").exists() or is_hf_export(path):  # a transformers export: glmctl.formats
         return describe_checkpoint(path)
     manifest = read_manifest(path)
     cfg = ModelConfig.load(path)

@@ -56,6 +56,14 @@ def quantize_cmd(
     act_order: bool = typer.Option(C.act_order, "--act-order/--no-act-order",
                                    help="GPTQ: visit columns by decreasing Hessian diagonal, group scales fixed up front [default: on]."),
     dtype: str = typer.Option(C.dtype, "--dtype", help="Compute dtype for calibration and evaluation."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Output tensor-parallel size (default: the source's). "
+                                                        "Per-row scales are per output rank, as GLM-130B's."),
+    report: bool = typer.Option(C.report, "--report/--no-report",
+                                help="Evaluate parent vs quantized (layer by layer); --no-report skips it and the "
+                                     "manifest says so."),
+    activation_memory: str = typer.Option(C.activation_memory, "--activation-memory", metavar="SIZE",
+                                          help="Calibration/evaluation activations kept in memory; beyond this "
+                                               "they go to memory-mapped files beside OUT."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     if_stale: bool = typer.Option(False, "--if-stale", help="Do nothing when OUT was made from the same inputs "
                                                             "and options."),
@@ -71,7 +79,7 @@ def quantize_cmd(
         eval=None if eval_tokens is None else str(eval_tokens), max_ppl_increase=max_ppl_increase, compare=tuple(specs),
         seq_len=seq_len, eval_prefix=eval_prefix, calibration_samples=calibration_samples,
         eval_samples=eval_samples, batch_size=batch_size, damp=damp, block_size=block_size, act_order=act_order,
-        dtype=dtype, device=device, if_stale=if_stale, lock="auto" if lock else None)
+        dtype=dtype, tp=tp, report=report, activation_memory=activation_memory, device=device, if_stale=if_stale, lock="auto" if lock else None)
     result = run(cfg)
     report = result.report
     if json_out:
@@ -84,7 +92,8 @@ def quantize_cmd(
             print_table(f"{out}: quality on {ev['scored_tokens']} tokens ({ev['windows']} windows of "
                         f"{ev['seq_len']}) from {ev['source']}", REPORT_COLUMNS, rows)
         else:
-            print(f"{out}: written without a quality report (no evaluation tokens)")
+            why = "--no-report" if not report else "no evaluation tokens"
+            print(f"{out}: written without a quality report ({why})")
         if report.get("gate"):
             g = report["gate"]
             print(f"gate: ppl increase {report['quantized']['ppl_increase_pct']:+.3f}% "

@@ -1,12 +1,13 @@
 """Checkpoint formats: each a reader (a ``Source``, glmctl/formats/source.py) and/or a writer.
 
-    kind, path = detect(path)          # glmctl | sat | deepspeed | run (a pretrain run dir)
+    kind, path = detect(path)          # glmctl | sat | deepspeed | run (a pretrain run dir) | hf
     src = open_source(path, preset="glm-130b")
     src.cfg, src.tp, src.names, src.read(name, rank)
     describe_checkpoint(path)          # what `glmctl inspect` prints for SAT and run dirs
 
 Modules: native (safetensors per TP rank, glmctl/checkpoint.py's layout), sat (SwissArmyTransformer
-pickles, docs/glm130b.md §6.1), deepspeed (ZeRO shards gathered to fp32), safetensors_stream (a
+pickles, docs/glm130b.md §6.1), deepspeed (ZeRO shards gathered to fp32), hf (a transformers export
+with remote code, and its reader), safetensors_stream (a
 safetensors file written tensor by tensor), shapes (a config inferred from shapes).
 """
 from __future__ import annotations
@@ -23,17 +24,19 @@ from glmctl.console import log
 from glmctl.errors import InputError, UsageError
 from glmctl.formats import sat
 from glmctl.formats.deepspeed import ZeroSource, tag_folder
+from glmctl.formats.hf import HFSource, is_hf_export
 from glmctl.formats.native import NativeSource
 from glmctl.formats.sat import SatSource
 from glmctl.formats.shapes import INV_FREQ, canonical_order
 from glmctl.formats.source import Source
 
-__all__ = ["Source", "NativeSource", "SatSource", "ZeroSource", "detect", "resolve_run", "open_source",
+__all__ = ["Source", "NativeSource", "SatSource", "ZeroSource", "HFSource", "detect", "resolve_run", "open_source",
            "describe_checkpoint", "run_steps"]
 
 
 def detect(path: Path) -> tuple[str, Path]:
-    """(kind, resolved path): kind in glmctl, sat, deepspeed, run (a pretrain run dir)."""
+    """(kind, resolved path): kind in glmctl, sat, deepspeed, run (a pretrain run dir), hf (a
+    transformers export written by ``convert --to hf``)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
@@ -52,6 +55,8 @@ def detect(path: Path) -> tuple[str, Path]:
         if not tag or not target.is_dir():
             raise InputError(f"{latest} names {tag!r} but {target} does not exist")
         raise InputError(f"{target}: no mp_rank_XX_model_states.pt files (a SAT checkpoint needs one per rank)")
+    if is_hf_export(path):
+        return "hf", path
     if (path / "config.json").exists() or (path / "manifest.json").exists():
         return "glmctl", path
     if any(p.is_dir() and any(p.glob("mp_rank_*_model_states.pt")) for p in path.iterdir()):
@@ -113,6 +118,11 @@ def open_source(path: Path, *, heads: int | None = None, preset: str | None = No
         return src
     if kind == "sat":
         return SatSource(path, heads=heads, preset=preset)
+    if kind == "hf":
+        if zero_master or heads is not None or preset is not None:
+            raise UsageError(f"{path} is a transformers export: its config.json gives every hyperparameter "
+                             "(--preset, --num-attention-heads and --zero-master do not apply)")
+        return HFSource(path)
     # a DeepSpeed folder: its config lives in the step dir two levels up, when there is one
     step = path.parent.parent if path.parent.name == "trainer" else None
     native = None
@@ -148,6 +158,9 @@ def describe_checkpoint(path) -> dict:
                            "deepspeed": (path / "trainer" / "deepspeed").is_dir()}
         info["manifest"] = {k: src.manifest.get(k) for k in ("stage", "glmctl_version", "status", "finished")}
         return info
+    if kind == "hf":
+        with HFSource(path) as src:
+            return _describe_source(src)
     if kind == "sat":
         src = SatSource(path, need_config=False)
         info = _describe_source(src)

@@ -302,6 +302,8 @@ class SatSource(Source):
                 self.config_recorded = True
         try:
             self.cfg = self.shapes.model_config(heads=heads, preset=preset, base=base)
+            if not self.config_recorded:  # SAT's own rotary rule, unless glmctl recorded the config
+                self.cfg = self.cfg.replace(rope="sat")  # docs/glm130b.md §2.3
         except UsageError:
             if need_config:
                 raise

@@ -24,19 +24,27 @@ from glmctl.tp_layout import shard_tensor
 
 
 # ---- RoPE (docs/glm130b.md §2.3): 1-D, half rotation (dim j pairs with j + d/2), over the full head dim ----
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype,
-                 fp16_angles: bool = False):
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype, mode: str = "exact"):
     """cos/sin tables [b, s, 1, d] for the given position ids.
 
-    ``fp16_angles`` reproduces SAT 0.2.x, where inv_freq and positions are fp16 and the angle
-    products are rounded to fp16 (coarse at large positions); otherwise angles are fp32.
+    ``mode="exact"``: frequencies and angles in fp32 (float64 for a float64 model), cos/sin then
+    rounded to ``dtype``. ``mode="sat"``: SAT 0.2.x's RotaryEmbedding as GLM-130B runs it: the
+    frequencies are rounded to fp16 when the buffer is built, the buffer follows the model's dtype
+    (``.half()`` / ``.float()``), and positions, angle products and cos/sin are computed in that
+    dtype, so an fp32 model gets fp32 angles of fp16 frequencies and an fp16 model fp16 products.
     """
-    adt = torch.float64 if dtype == torch.float64 else torch.float32  # float64 only for reference checks
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=adt) / head_dim))
-    if fp16_angles:
-        angles = position_ids.to(torch.float16)[..., None] * inv_freq.to(torch.float16)
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    if mode == "sat":
+        adt = dtype
+        inv_freq = inv_freq.half()
+    elif mode == "exact":
+        adt = torch.float64 if dtype == torch.float64 else torch.float32  # float64 only for reference checks
+        if adt == torch.float64:
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device,
+                                                    dtype=adt) / head_dim))
     else:
-        angles = position_ids.to(adt)[..., None] * inv_freq
+        raise ValueError(f"unknown rope mode {mode!r}")
+    angles = position_ids.to(adt)[..., None] * inv_freq.to(adt)
     angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [b, s, 1, d]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -190,6 +198,11 @@ class GLM(nn.Module):
             layer.attention.fast = enabled
         return self
 
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """cos/sin tables of ``position_ids`` in this model's rope mode (``rope_cos_sin``)."""
+        cfg = self.config
+        return rope_cos_sin(position_ids, cfg.head_dim, cfg.rotary_base, dtype, cfg.rope)
+
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)
 
@@ -201,7 +214,7 @@ class GLM(nn.Module):
         if a != 1.0 and h.requires_grad:
             h = h * a + h.detach() * (1.0 - a)
         h = self.transformer.embedding_dropout(h)
-        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rotary_base, h.dtype, cfg.rope_fp16)
+        cos, sin = self.rope(position_ids, h.dtype)
         if attention_mask.dim() == 3:
             attention_mask = attention_mask.unsqueeze(1)
         for layer in self.transformer.layers:
