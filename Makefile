@@ -24,7 +24,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 STAMP := $(VENV)/.glmctl-installed
 SETUP_INPUTS := pyproject.toml setup.py constraints.txt $(wildcard kernels/build.py kernels/csrc/*)
 
-.PHONY: help setup test test-fast bench gpu-check kernels-report clean-venv
+.PHONY: help setup test test-fast browser bench gpu-check kernels-report clean-venv
 help:
 	@echo "make setup           install into $(VENV) (idempotent)"
 	@echo "make test            set up, then run the whole test suite"
@@ -32,6 +32,7 @@ help:
 	@echo "make bench           CPU benchmarks (ratios against baselines in the same run)"
 	@echo "make gpu-check       on a CUDA machine: build, check and benchmark the CUDA kernels"
 	@echo "make kernels-report  registers / spills / shared memory of every CUDA kernel"
+	@echo "make rehearsal-130b  GLM-130B's workflow at full width, 2 layers, on this CPU machine"
 
 setup: $(STAMP)
 
@@ -41,8 +42,16 @@ $(STAMP): $(SETUP_INPUTS)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-build-isolation -e ".[dev]"
 	@touch $@
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -ra
+
+# tests/test_serve_page.py drives Debian's Chromium headless: install it when missing (CI runs as
+# root); without it that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { echo "installing chromium (apt-get) for the web page test"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 || \
+	    echo "could not install chromium: tests/test_serve_page.py will be skipped"; }
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not distributed"
@@ -61,6 +70,13 @@ gpu-check:
 
 kernels-report: setup
 	$(PY) -m glmctl.kernels.report
+
+# GLM-130B's workflow at its real widths, 2 layers (bench/glm130b_rehearsal.py): ~11 GB fp16,
+# peak disk < 40 GB under REHEARSAL_DIR; hours on 2 CPU cores. Results: REHEARSAL_DIR/stats.jsonl.
+REHEARSAL_DIR ?= $(CURDIR)/.rehearsal-130b
+.PHONY: rehearsal-130b
+rehearsal-130b: setup
+	nice $(PY) bench/glm130b_rehearsal.py --dir $(REHEARSAL_DIR)
 
 clean-venv:
 	rm -rf $(VENV)
@@ -88,10 +104,20 @@ EVAL_TASKS      ?= cloze_en cloze_zh mc_en mc_zh ppl_en ppl_zh
 GEN_FLAGS       ?= --max-new-tokens 32 --no-stream --strategy sample --top-p 0.9 --temperature 0.7 \
                    --min-new-tokens 16 --no-repeat-ngram-size 3 --seed 3
 DEMO_PROMPTS    := "The Python interpreter" "中国人民" "The function returns [MASK] when the list is [MASK]."
+# Fine-tuning (docs/finetune.md): the built-in task numerals_zh ("写出 4 2 7：" -> "四百二十七"),
+# exact match on its test split before and after full fine-tuning, LoRA, P-tuning v2, and LoRA on
+# the INT4 model; each run is sized to stay within 5 minutes of 2 CPU cores (bench/RESULTS.md).
+FT_TASK         := glmctl/tasks/finetune/numerals_zh.yaml
+FT_FLAGS        ?= --data numerals_zh --seq-len 128 --micro-batch-size 16 --log-interval 20 --seed 1234
+FT_FULL_FLAGS   ?= --method full --steps 400 --lr 1e-3
+FT_LORA_FLAGS   ?= --method lora --steps 400 --lr 3e-3 --lora-rank 16 --lora-alpha 32
+FT_PT_FLAGS     ?= --method ptuning --steps 400 --lr 2e-2 --prefix-length 16 --prefix-projection 256
+FT_EVALS        := $(foreach r,base full lora ptuning int4 lora-int4,$(DEMO)/eval-numerals-$(r)/manifest.json)
 
 .PHONY: demo demo-clean
 demo: $(DEMO)/REPORT.md
 	@$(GLMCTL) report $(DEMO) --samples $(DEMO)/samples.jsonl
+	@echo; echo "Serve the demo model (then open http://127.0.0.1:8000/):"; echo "  $(GLMCTL) serve $(DEMO)/model"
 
 $(DEMO)/corpus/manifest.json: | $(STAMP)
 	$(GLMCTL) sample-corpus $(DEMO)/corpus
@@ -119,7 +145,27 @@ $(DEMO)/eval-int4/manifest.json: $(DEMO)/model-int4/manifest.json $(DEMO)/eval-f
 	$(GLMCTL) evaluate $(DEMO)/model-int4 $(EVAL_TASKS) --out $(DEMO)/eval-int4 --compare $(DEMO)/eval-fp
 $(DEMO)/samples.jsonl: $(DEMO)/model/manifest.json
 	$(GLMCTL) generate $(DEMO)/model $(DEMO_PROMPTS) $(GEN_FLAGS) --output $@
-$(DEMO)/REPORT.md: $(DEMO)/model-int8/manifest.json $(DEMO)/eval-int4/manifest.json $(DEMO)/samples.jsonl
+$(DEMO)/ft-full/final/manifest.json: $(DEMO)/model/manifest.json
+	$(GLMCTL) finetune $(DEMO)/model --out $(DEMO)/ft-full $(FT_FLAGS) $(FT_FULL_FLAGS) --resume auto
+$(DEMO)/ft-lora/final/manifest.json: $(DEMO)/model/manifest.json
+	$(GLMCTL) finetune $(DEMO)/model --out $(DEMO)/ft-lora $(FT_FLAGS) $(FT_LORA_FLAGS) --resume auto
+$(DEMO)/ft-ptuning/final/manifest.json: $(DEMO)/model/manifest.json
+	$(GLMCTL) finetune $(DEMO)/model --out $(DEMO)/ft-ptuning $(FT_FLAGS) $(FT_PT_FLAGS) --resume auto
+$(DEMO)/ft-lora-int4/final/manifest.json: $(DEMO)/model-int4/manifest.json
+	$(GLMCTL) finetune $(DEMO)/model-int4 --out $(DEMO)/ft-lora-int4 $(FT_FLAGS) $(FT_LORA_FLAGS) --resume auto
+$(DEMO)/eval-numerals-base/manifest.json: $(DEMO)/model/manifest.json
+	$(GLMCTL) evaluate $(DEMO)/model $(FT_TASK) --out $(@D)
+$(DEMO)/eval-numerals-int4/manifest.json: $(DEMO)/model-int4/manifest.json
+	$(GLMCTL) evaluate $(DEMO)/model-int4 $(FT_TASK) --out $(@D)
+$(DEMO)/eval-numerals-full/manifest.json: $(DEMO)/ft-full/final/manifest.json
+	$(GLMCTL) evaluate $(DEMO)/ft-full/final $(FT_TASK) --out $(@D)
+$(DEMO)/eval-numerals-lora/manifest.json: $(DEMO)/ft-lora/final/manifest.json
+	$(GLMCTL) evaluate $(DEMO)/model $(FT_TASK) --adapter $(DEMO)/ft-lora --out $(@D)
+$(DEMO)/eval-numerals-ptuning/manifest.json: $(DEMO)/ft-ptuning/final/manifest.json
+	$(GLMCTL) evaluate $(DEMO)/model $(FT_TASK) --adapter $(DEMO)/ft-ptuning --out $(@D)
+$(DEMO)/eval-numerals-lora-int4/manifest.json: $(DEMO)/ft-lora-int4/final/manifest.json
+	$(GLMCTL) evaluate $(DEMO)/model-int4 $(FT_TASK) --adapter $(DEMO)/ft-lora-int4 --out $(@D)
+$(DEMO)/REPORT.md: $(DEMO)/model-int8/manifest.json $(DEMO)/eval-int4/manifest.json $(DEMO)/samples.jsonl $(FT_EVALS)
 	$(GLMCTL) report $(DEMO) --samples $(DEMO)/samples.jsonl > /dev/null
 
 demo-clean:

@@ -33,7 +33,8 @@ app = typer.Typer(
 )
 
 # Pipeline order: this is the order `glmctl --help` lists them in.
-COMMAND_MODULES = ["tokenize", "pretrain", "convert", "quantize", "evaluate", "generate", "report", "inspect", "kernels"]
+COMMAND_MODULES = ["tokenize", "pretrain", "convert", "quantize", "evaluate", "generate", "serve", "report",
+                   "inspect", "kernels"]
 
 
 def _version(value: bool):

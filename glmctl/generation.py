@@ -3,6 +3,8 @@
     decode(model, tokens, positions, prefix_len, next_position, gen, ids) -> [Hypothesis]
     generate_span(model, context, ids, gen)                              -> [Hypothesis]
     fill(model, tokens, ids, gen)                                        -> (final_tokens, spans)
+    DecodeBatch(model).join(...) / .step() / .drop(...)  the step-wise loop (continuous batching)
+    BlankFill(prompt, ids, seed)                         one prompt's blanks, round by round
 
 Strategies (docs/glm130b.md §8): greedy; sampling as GLM-130B's ``BaseStrategy`` (temperature, banned
 tokens filled with -65504, top-k then top-p keeping the first token that crosses p, softmax in
@@ -380,7 +382,6 @@ def decode_batch(model, requests: list[DecodeRequest], gen: GenerationConfig, id
     gen.validate()
     if not requests:
         return []
-    ends = end_token_ids(gen, ids)
     device = _device_of(model)
     max_len = model.config.max_sequence_length
     pad = ids.get("pad", 0)
@@ -390,96 +391,190 @@ def decode_batch(model, requests: list[DecodeRequest], gen: GenerationConfig, id
     strategies: list[_Strategy] = []
     limits = []
     for i, r in enumerate(requests):
-        if not r.tokens:
-            raise ValueError("a decode request needs at least the <sop> token")
-        if len(r.positions) != len(r.tokens) or not 0 <= r.prefix_len <= len(r.tokens):
-            raise ValueError("positions must match tokens and prefix_len must lie within them")
-        generator = None
-        if needs_rng:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(int(r.seed) if r.seed is not None else base_seed)
-        if gen.strategy == "beam":
-            s = BeamSearch(r.tokens, gen, ends, generator)
-        else:
-            cb = (lambda tok, _i=i: on_token(_i, tok)) if on_token is not None else None
-            s = Sampler(r.tokens, gen, ends, generator, cb)
+        cb = (lambda tok, _i=i: on_token(_i, tok)) if on_token is not None else None
+        s, limit = new_strategy(r, gen, ids, device, max_len, base_seed, cb)
         strategies.append(s)
-        limits.append(min(gen.max_new_tokens, max_len - len(r.tokens)))
-
-    for s, lim in zip(strategies, limits):
-        if lim <= 0:  # no room left in the model's window
-            s.finish()
-
-    active = [i for i, s in enumerate(strategies) if not s.done]
-    if not active:
-        return [s.result() for s in strategies]
+        limits.append(limit)
 
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            _run(model, requests, strategies, limits, active, device, pad)
+            batch = DecodeBatch(model, pad)
+            batch.join(list(range(len(requests))), requests, strategies, limits)
+            while len(batch):
+                batch.step()
     finally:
         model.train(was_training)
     return [s.result() for s in strategies]
 
 
-def _run(model, requests, strategies, limits, active, device, pad):
-    B = len(active)
-    L = max(len(requests[i].tokens) for i in active)
-    tok = torch.full((B, L), pad, dtype=torch.long)
-    pos = torch.zeros((B, L), dtype=torch.long)
-    valid = torch.zeros((B, L), dtype=torch.bool)
-    prefix = torch.zeros((B, L), dtype=torch.bool)
-    for row, i in enumerate(active):  # left padding: every <sop> sits in the last column
-        r = requests[i]
-        o = L - len(r.tokens)
-        tok[row, o:] = torch.tensor(r.tokens)
-        pos[row, o:] = torch.tensor(r.positions)
-        valid[row, o:] = True
-        prefix[row, o:o + r.prefix_len] = True
-    sample = torch.where(valid, 0, -1)
-    mask = build_mask(prefix, sample)  # padding sees nothing and is seen by no one
-    tok, pos, mask, valid = tok.to(device), pos.to(device), mask.to(device), valid.to(device)
-    cache = model.new_kv_cache()
-    hidden = model(tok, pos, mask, kv_cache=cache, return_hidden=True)[:, -1]
-    logits = model.logits(hidden).float()
-    rows = list(active)  # the request of each row
-    key_valid = valid
-    step = 0
-    while True:
-        index, new_rows, new_tokens = [], [], []
-        r0 = 0
-        while r0 < len(rows):
-            i = rows[r0]
-            r1 = r0
-            while r1 < len(rows) and rows[r1] == i:
-                r1 += 1
-            s = strategies[i]
-            parents, tokens = s.step(logits[r0:r1])
-            if not s.done and step + 1 >= limits[i]:
+def new_strategy(r: DecodeRequest, gen: GenerationConfig, ids: dict, device, max_len: int, default_seed: int = 0,
+                 on_token: Callable[[int], None] | None = None) -> tuple[_Strategy, int]:
+    """The strategy object that decodes request ``r`` and its limit of new tokens (the model's
+    window included). Sampling draws from a generator seeded with ``r.seed`` (else
+    ``default_seed``); ``on_token(token)`` is called for each token (greedy and sampling)."""
+    if not r.tokens:
+        raise ValueError("a decode request needs at least the <sop> token")
+    if len(r.positions) != len(r.tokens) or not 0 <= r.prefix_len <= len(r.tokens):
+        raise ValueError("positions must match tokens and prefix_len must lie within them")
+    ends = end_token_ids(gen, ids)
+    generator = None
+    if gen.strategy == "sample" or (gen.strategy == "beam" and not gen.deterministic):
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(r.seed) if r.seed is not None else int(default_seed))
+    if gen.strategy == "beam":
+        s = BeamSearch(r.tokens, gen, ends, generator)
+    else:
+        s = Sampler(r.tokens, gen, ends, generator, on_token)
+    return s, min(gen.max_new_tokens, max_len - len(r.tokens))
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int, value=0) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.full(shape, value, dtype=t.dtype, device=t.device), t], dim=dim)
+
+
+class DecodeBatch:
+    """Requests decoding together, one step at a time: the loop of ``decode_batch``, and the
+    continuous (iteration-level) batching of ``glmctl serve``.
+
+    ``join(keys, requests, strategies, limits)`` encodes the new requests' contexts (left-padded
+    to a common length, padding blocked by the mask, each row with its own position ids) and adds
+    their rows to the shared KV cache; ``step()`` lets every request's strategy pick its next
+    tokens from its rows' logits, removes the requests that finished (returning their keys) and
+    runs one forward for the tokens of the others; ``drop(keys)`` removes requests at once (a
+    cancelled one). A request's rows are contiguous (beam search reorders within them). Caches of
+    different lengths are left-padded with blocked keys, so a request decodes the same alone or
+    beside others (greedy; up to float rounding in the batched matmuls). A strategy finished from
+    outside (``finish()``, e.g. a stop string) leaves at the next step. Call under
+    ``torch.inference_mode()`` with the model in eval mode.
+    """
+
+    def __init__(self, model, pad: int = 0):
+        self.model, self.pad, self.device = model, pad, _device_of(model)
+        self.cache = None
+        self.key_valid: torch.Tensor | None = None  # bool [rows, cached length]
+        self.logits: torch.Tensor | None = None  # [rows, vocab]: the next pick of every row
+        self.rows: list = []  # the key of each row
+        self.entries: dict = {}  # key -> (request, strategy, limit)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def join(self, keys: list, requests: list[DecodeRequest], strategies: list[_Strategy], limits: list[int]) -> list:
+        """Add requests; returns the keys of those that finished without a step (no room left)."""
+        done, new = [], []
+        for k, r, s, lim in zip(keys, requests, strategies, limits):
+            if lim <= 0:  # no room left in the model's window
                 s.finish()
+            if s.done:
+                done.append(k)
+            else:
+                new.append((k, r, s, lim))
+        if not new:
+            return done
+        B = len(new)
+        L = max(len(r.tokens) for _, r, _, _ in new)
+        tok = torch.full((B, L), self.pad, dtype=torch.long)
+        pos = torch.zeros((B, L), dtype=torch.long)
+        valid = torch.zeros((B, L), dtype=torch.bool)
+        prefix = torch.zeros((B, L), dtype=torch.bool)
+        for row, (_, r, _, _) in enumerate(new):  # left padding: every <sop> sits in the last column
+            o = L - len(r.tokens)
+            tok[row, o:] = torch.tensor(r.tokens)
+            pos[row, o:] = torch.tensor(r.positions)
+            valid[row, o:] = True
+            prefix[row, o:o + r.prefix_len] = True
+        mask = build_mask(prefix, torch.where(valid, 0, -1))  # padding sees nothing and is seen by no one
+        tok, pos, mask, valid = tok.to(self.device), pos.to(self.device), mask.to(self.device), valid.to(self.device)
+        cache = self.model.new_kv_cache()
+        hidden = self.model(tok, pos, mask, kv_cache=cache, return_hidden=True)[:, -1]
+        logits = self.model.logits(hidden).float()
+        if self.cache is None:
+            self.cache, self.key_valid, self.logits = cache, valid, logits
+        else:  # left-pad the shorter cache, then stack the rows
+            T = max(self.key_valid.shape[1], L)
+            for store in ("keys", "values"):
+                old, add = getattr(self.cache, store), getattr(cache, store)
+                setattr(self.cache, store, [torch.cat([_left_pad(a, T, 2), _left_pad(b, T, 2)], dim=0)
+                                            for a, b in zip(old, add)])
+            self.key_valid = torch.cat([_left_pad(self.key_valid, T, 1, False), _left_pad(valid, T, 1, False)])
+            self.logits = torch.cat([self.logits, logits])
+        for k, r, s, lim in new:
+            self.rows.append(k)
+            self.entries[k] = (r, s, lim)
+        return done
+
+    def _select(self, index: list[int]) -> None:
+        if index == list(range(len(self.rows))):
+            return
+        if not index:
+            self.cache = self.key_valid = self.logits = None
+            return
+        idx = torch.tensor(index, device=self.device)
+        self.cache.reorder(idx)
+        self.key_valid = self.key_valid.index_select(0, idx)
+        if self.logits is not None:
+            self.logits = self.logits.index_select(0, idx)
+        # keys that no row sees any more (the padding of a request that left) are dropped
+        first = int(self.key_valid.any(dim=0).float().argmax())
+        if first > 0:
+            for store in ("keys", "values"):
+                setattr(self.cache, store, [t[:, :, first:] for t in getattr(self.cache, store)])
+            self.key_valid = self.key_valid[:, first:]
+
+    def drop(self, keys) -> None:
+        """Remove these requests (not stepped again; their strategies keep what they had)."""
+        keys = set(keys) & set(self.entries)
+        if not keys:
+            return
+        keep = [i for i, k in enumerate(self.rows) if k not in keys]
+        self._select(keep)
+        self.rows = [self.rows[i] for i in keep]
+        for k in keys:
+            del self.entries[k]
+
+    def step(self) -> list:
+        """One decoding step for every request; returns the keys that finished."""
+        finished, index, new_rows, new_tokens = [], [], [], []
+        r0 = 0
+        while r0 < len(self.rows):
+            key = self.rows[r0]
+            r1 = r0
+            while r1 < len(self.rows) and self.rows[r1] == key:
+                r1 += 1
+            _, s, limit = self.entries[key]
             if not s.done:
+                parents, tokens = s.step(self.logits[r0:r1])
+                if not s.done and s.step_index >= limit:
+                    s.finish()
+            if s.done:
+                finished.append(key)
+                del self.entries[key]
+            else:
                 index += [r0 + p for p in parents]
-                new_rows += [i] * len(parents)
+                new_rows += [key] * len(parents)
                 new_tokens += tokens
             r0 = r1
-        step += 1
+        self.logits = None
+        self._select(index)
+        self.rows = new_rows
         if not new_rows:
-            break
-        if index != list(range(len(rows))):
-            idx = torch.tensor(index, device=device)
-            cache.reorder(idx)
-            key_valid = key_valid.index_select(0, idx)
-        rows = new_rows
-        R = len(rows)
-        key_valid = torch.cat([key_valid, torch.ones(R, 1, dtype=torch.bool, device=device)], dim=1)
-        step_mask = ~key_valid[:, None, None, :]
-        step_tok = torch.tensor(new_tokens, dtype=torch.long, device=device)[:, None]
-        step_pos = torch.tensor([requests[i].next_position(step) for i in rows], dtype=torch.long,
-                                device=device)[:, None]
-        hidden = model(step_tok, step_pos, step_mask, kv_cache=cache, return_hidden=True)[:, -1]
-        logits = model.logits(hidden).float()
+            return finished
+        R = len(new_rows)
+        self.key_valid = torch.cat([self.key_valid, torch.ones(R, 1, dtype=torch.bool, device=self.device)], dim=1)
+        step_mask = ~self.key_valid[:, None, None, :]
+        step_tok = torch.tensor(new_tokens, dtype=torch.long, device=self.device)[:, None]
+        step_pos = torch.tensor([self.entries[k][0].next_position(self.entries[k][1].step_index) for k in new_rows],
+                                dtype=torch.long, device=self.device)[:, None]
+        hidden = self.model(step_tok, step_pos, step_mask, kv_cache=self.cache, return_hidden=True)[:, -1]
+        self.logits = self.model.logits(hidden).float()
+        return finished
 
 
 def decode(model, tokens: list[int], positions: list[int], prefix_len: int,
@@ -531,6 +626,62 @@ class FillResult:
     mask_id: int | None = None
 
 
+def span_generation(gen: GenerationConfig, ids: dict) -> GenerationConfig:
+    """``gen`` for filling blanks: a generated mask token would be read as a new blank (and could
+    loop forever), a generated <sop> as the start of a span, so neither may appear inside a span."""
+    never = tuple(ids[m] for m in MASK_NAMES) + (ids["sop"],)
+    return dataclasses.replace(gen, banned_token_ids=tuple(gen.banned_token_ids) + never)
+
+
+class BlankFill:
+    """One prompt's blanks (spec §4.3), filled one decoding round at a time.
+
+    ``request()`` is the next round's decode input (None once every blank of the mask in use is
+    filled); ``complete(hypotheses)`` puts the best one in that blank's place, so the next round
+    sees it as context; ``result()`` is the FillResult. ``seed``: this prompt's sampling seed
+    (blank k decodes with ``derive_seed(seed, k)``).
+    """
+
+    def __init__(self, prompt: list[int], ids: dict, seed: int | None = None):
+        self.ids, self.seed = ids, seed
+        self.tokens = prepare_prompt(list(prompt), ids)  # appends either [gMASK] or eos, never both
+        self.appended_eos = len(self.tokens) > len(prompt) and self.tokens[-1] == ids["eos"]
+        self.mask = mask_in_use(self.tokens, ids)
+        self.spans: list[tuple[int, list[int]]] = []
+        self.hypotheses: list[list[Hypothesis]] = []
+
+    @property
+    def blank(self) -> int:
+        return len(self.spans)
+
+    @property
+    def done(self) -> bool:
+        return self.mask not in self.tokens
+
+    @property
+    def mask_index(self) -> int:
+        return self.tokens.index(self.mask)
+
+    def request(self) -> DecodeRequest | None:
+        if self.done:
+            return None
+        seed = None if self.seed is None else derive_seed(self.seed, self.blank)
+        return span_request(self.tokens, self.mask, self.ids, seed)
+
+    def complete(self, hyps: list[Hypothesis]) -> None:
+        best = hyps[0].tokens if hyps else []
+        mi = self.mask_index
+        self.tokens = self.tokens[:mi] + list(best) + self.tokens[mi + 1:]
+        self.spans.append((mi, list(best)))
+        self.hypotheses.append(hyps)
+
+    def result(self) -> FillResult:
+        toks = self.tokens
+        if self.appended_eos and toks and toks[-1] == self.ids["eos"]:
+            toks = toks[:-1]
+        return FillResult(toks, self.spans, self.hypotheses, self.mask)
+
+
 def fill_batch(model, prompts: list[list[int]], ids: dict, gen: GenerationConfig,
                on_token: Callable[[int, int, int], None] | None = None,
                seeds: list[int | None] | None = None,
@@ -542,51 +693,26 @@ def fill_batch(model, prompts: list[list[int]], ids: dict, gen: GenerationConfig
     current_tokens, mask_index) before each blank (streaming uses both). ``seeds`` gives each
     prompt its sampling seed (each blank then gets a seed derived from it).
     """
-    gen.validate()
-    # a generated mask token would be read as a new blank (and could loop forever), a generated
-    # <sop> as the start of a span: neither may appear inside a span
-    never = tuple(ids[m] for m in MASK_NAMES) + (ids["sop"],)
-    gen = dataclasses.replace(gen, banned_token_ids=tuple(gen.banned_token_ids) + never)
-    states = []
-    for p in prompts:
-        toks = prepare_prompt(list(p), ids)  # appends either [gMASK] or eos, never both
-        states.append({"tokens": toks, "mask": mask_in_use(toks, ids), "spans": [], "hyps": [],
-                       "appended_eos": len(toks) > len(p) and toks[-1] == ids["eos"]})
+    gen = span_generation(gen.validate(), ids)
+    fills = [BlankFill(p, ids, seeds[i] if seeds is not None and seeds[i] is not None else gen.seed)
+             for i, p in enumerate(prompts)]
     blank = 0
     while True:
-        todo = [i for i, s in enumerate(states) if s["mask"] in s["tokens"]]
+        todo = [i for i, f in enumerate(fills) if not f.done]
         if not todo:
             break
         reqs = []
         for i in todo:
-            s = states[i]
-            seed = None
-            if seeds is not None and seeds[i] is not None:
-                seed = derive_seed(seeds[i], blank)
-            elif gen.seed is not None:
-                seed = derive_seed(gen.seed, blank)
-            reqs.append(span_request(s["tokens"], s["mask"], ids, seed))
+            reqs.append(fills[i].request())
             if on_blank_start is not None:
-                on_blank_start(i, blank, s["tokens"], s["tokens"].index(s["mask"]))
+                on_blank_start(i, blank, fills[i].tokens, fills[i].mask_index)
         cb = None
         if on_token is not None:
             cb = (lambda j, t, _b=blank, _todo=todo: on_token(_todo[j], _b, t))
-        results = decode_batch(model, reqs, gen, ids, cb)
-        for i, hyps in zip(todo, results):
-            s = states[i]
-            best = hyps[0].tokens if hyps else []
-            mi = s["tokens"].index(s["mask"])
-            s["tokens"] = s["tokens"][:mi] + list(best) + s["tokens"][mi + 1:]
-            s["spans"].append((mi, list(best)))
-            s["hyps"].append(hyps)
+        for i, hyps in zip(todo, decode_batch(model, reqs, gen, ids, cb)):
+            fills[i].complete(hyps)
         blank += 1
-    out = []
-    for s in states:
-        toks = s["tokens"]
-        if s["appended_eos"] and toks and toks[-1] == ids["eos"]:
-            toks = toks[:-1]
-        out.append(FillResult(toks, s["spans"], s["hyps"], s["mask"]))
-    return out
+    return [f.result() for f in fills]
 
 
 def fill(model, tokens: list[int], ids: dict, gen: GenerationConfig) -> tuple[list[int], list[tuple[int, list[int]]]]:
@@ -601,4 +727,4 @@ def fill(model, tokens: list[int], ids: dict, gen: GenerationConfig) -> tuple[li
 __all__ = ["GenerationConfig", "Hypothesis", "DecodeRequest", "BeamSearch", "Sampler", "NgramBans",
            "decode", "decode_batch", "generate_span", "fill", "fill_batch", "FillResult",
            "filter_top_k_top_p", "end_token_ids", "mask_in_use", "span_request", "derive_seed",
-           "banned_ids", "FILLER"]
+           "banned_ids", "FILLER", "DecodeBatch", "new_strategy", "BlankFill", "span_generation"]
