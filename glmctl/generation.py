@@ -430,15 +430,6 @@ def new_strategy(r: DecodeRequest, gen: GenerationConfig, ids: dict, device, max
     return s, min(gen.max_new_tokens, max_len - len(r.tokens))
 
 
-def _left_pad(t: torch.Tensor, length: int, dim: int, value=0) -> torch.Tensor:
-    missing = length - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([torch.full(shape, value, dtype=t.dtype, device=t.device), t], dim=dim)
-
-
 class DecodeBatch:
     """Requests decoding together, one step at a time: the loop of ``decode_batch``, and the
     continuous (iteration-level) batching of ``glmctl serve``.
@@ -453,18 +444,27 @@ class DecodeBatch:
     beside others (greedy; up to float rounding in the batched matmuls). A strategy finished from
     outside (``finish()``, e.g. a stop string) leaves at the next step. Call under
     ``torch.inference_mode()`` with the model in eval mode.
+
+    The decode cache is a ``StaticKVCache`` sized at each join for the longest remaining
+    request (every step writes one column in place), and the mask is derived, not rebuilt:
+    ``blocked`` [rows, capacity] marks the padding columns once, every later column is a token's
+    own and visible, and each step passes a view of its filled part.
     """
 
     def __init__(self, model, pad: int = 0):
         self.model, self.pad, self.device = model, pad, _device_of(model)
-        self.cache = None
-        self.key_valid: torch.Tensor | None = None  # bool [rows, cached length]
+        self.cache = None  # StaticKVCache
+        self.blocked: torch.Tensor | None = None  # bool [rows, capacity], aligned with the cache columns
         self.logits: torch.Tensor | None = None  # [rows, vocab]: the next pick of every row
         self.rows: list = []  # the key of each row
         self.entries: dict = {}  # key -> (request, strategy, limit)
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def _room(self) -> int:
+        """Columns the live requests may still append (one per step until their limit)."""
+        return max([lim - s.step_index for _, s, lim in self.entries.values()] + [1])
 
     def join(self, keys: list, requests: list[DecodeRequest], strategies: list[_Strategy], limits: list[int]) -> list:
         """Add requests; returns the keys of those that finished without a step (no room left)."""
@@ -492,41 +492,60 @@ class DecodeBatch:
             prefix[row, o:o + r.prefix_len] = True
         mask = build_mask(prefix, torch.where(valid, 0, -1))  # padding sees nothing and is seen by no one
         tok, pos, mask, valid = tok.to(self.device), pos.to(self.device), mask.to(self.device), valid.to(self.device)
-        cache = self.model.new_kv_cache()
-        hidden = self.model(tok, pos, mask, kv_cache=cache, return_hidden=True)[:, -1]
+        pre = self.model.new_kv_cache()
+        hidden = self.model(tok, pos, mask, kv_cache=pre, return_hidden=True)[:, -1]
         logits = self.model.logits(hidden).float()
-        if self.cache is None:
-            self.cache, self.key_valid, self.logits = cache, valid, logits
-        else:  # left-pad the shorter cache, then stack the rows
-            T = max(self.key_valid.shape[1], L)
-            for store in ("keys", "values"):
-                old, add = getattr(self.cache, store), getattr(cache, store)
-                setattr(self.cache, store, [torch.cat([_left_pad(a, T, 2), _left_pad(b, T, 2)], dim=0)
-                                            for a, b in zip(old, add)])
-            self.key_valid = torch.cat([_left_pad(self.key_valid, T, 1, False), _left_pad(valid, T, 1, False)])
-            self.logits = torch.cat([self.logits, logits])
         for k, r, s, lim in new:
             self.rows.append(k)
             self.entries[k] = (r, s, lim)
+        self._merge(pre, valid, logits)
         return done
+
+    def _merge(self, pre, valid: torch.Tensor, logits: torch.Tensor) -> None:
+        """Copy a prefill's cache (rows appended after the live ones) into a new static cache with
+        room for every live request, both parts right-aligned at the same column."""
+        p = getattr(pre, "prefix_length", 0)  # a P-tuning prefix in front of the tokens (glmctl.adapters)
+        new_cols = pre.length
+        new_blocked = torch.cat([valid.new_zeros(valid.shape[0], p), ~valid], dim=1)
+        old = self.cache
+        old_cols = old.length if old is not None else 0
+        if p and old is not None and old_cols != new_cols:
+            raise ValueError("a P-tuned model decodes requests of different lengths only when they join together")
+        T = max(old_cols, new_cols)
+        R_old = old.k[0].shape[0] if old is not None else 0
+        cache = self.model.new_static_kv_cache(R_old + valid.shape[0], T + self._room() + 1)
+        cache.prefix_length = p
+        blocked = torch.zeros(R_old + valid.shape[0], cache.capacity, dtype=torch.bool, device=self.device)
+        blocked[:, :T] = True
+        for layer in range(len(cache.k)):
+            for dst, src_old, src_new in ((cache.k[layer], old and old.keys[layer], pre.keys[layer]),
+                                          (cache.v[layer], old and old.values[layer], pre.values[layer])):
+                if old is not None:
+                    dst[:R_old, :, T - old_cols:T] = src_old
+                dst[R_old:, :, T - new_cols:T] = src_new
+        if old is not None:
+            blocked[:R_old, T - old_cols:T] = self.blocked[:, old.start:old.start + old_cols]
+        blocked[R_old:, T - new_cols:T] = new_blocked
+        cache.fill = [T] * len(cache.k)
+        self.cache, self.blocked = cache, blocked
+        self.logits = logits if self.logits is None or not R_old else torch.cat([self.logits, logits])
 
     def _select(self, index: list[int]) -> None:
         if index == list(range(len(self.rows))):
             return
         if not index:
-            self.cache = self.key_valid = self.logits = None
+            self.cache = self.blocked = self.logits = None
             return
         idx = torch.tensor(index, device=self.device)
         self.cache.reorder(idx)
-        self.key_valid = self.key_valid.index_select(0, idx)
+        self.blocked = self.blocked.index_select(0, idx)
         if self.logits is not None:
             self.logits = self.logits.index_select(0, idx)
-        # keys that no row sees any more (the padding of a request that left) are dropped
-        first = int(self.key_valid.any(dim=0).float().argmax())
-        if first > 0:
-            for store in ("keys", "values"):
-                setattr(self.cache, store, [t[:, :, first:] for t in getattr(self.cache, store)])
-            self.key_valid = self.key_valid[:, first:]
+        # keys that no row sees any more (the padding of a request that left) are skipped
+        c = self.cache
+        seen = ~self.blocked[:, c.start:c.fill[0]]
+        first = int(seen.any(dim=0).float().argmax())
+        c.start += first
 
     def drop(self, keys) -> None:
         """Remove these requests (not stepped again; their strategies keep what they had)."""
@@ -566,13 +585,15 @@ class DecodeBatch:
         self.rows = new_rows
         if not new_rows:
             return finished
-        R = len(new_rows)
-        self.key_valid = torch.cat([self.key_valid, torch.ones(R, 1, dtype=torch.bool, device=self.device)], dim=1)
-        step_mask = ~self.key_valid[:, None, None, :]
+        c = self.cache
+        end = c.fill[0] + 1  # the new token's column
+        if end > self.blocked.shape[1]:  # past the planned capacity: the cache grows itself, the mask here
+            self.blocked = torch.cat([self.blocked, torch.zeros_like(self.blocked)], dim=1)
+        step_mask = self.blocked[:, None, None, c.start + c.prefix_length:end]
         step_tok = torch.tensor(new_tokens, dtype=torch.long, device=self.device)[:, None]
         step_pos = torch.tensor([self.entries[k][0].next_position(self.entries[k][1].step_index) for k in new_rows],
                                 dtype=torch.long, device=self.device)[:, None]
-        hidden = self.model(step_tok, step_pos, step_mask, kv_cache=self.cache, return_hidden=True)[:, -1]
+        hidden = self.model(step_tok, step_pos, step_mask, kv_cache=c, return_hidden=True)[:, -1]
         self.logits = self.model.logits(hidden).float()
         return finished
 

@@ -1,6 +1,7 @@
-"""Quantized linear kernels: one entry point, ``quant_linear``.
+"""Linear kernels for decoding: one entry point per kernel.
 
     y = quant_linear(x, qweight, scale, bias=None, bits=4)     # x [..., k] -> y [..., n], x.dtype
+    y = dense_linear(x, weight, bias=None)                     # fp32 GEMV for small m (inference)
 
 Dispatch, per call:
   * CUDA tensors -> ``torch.ops.glmctl.quant_linear`` from the CUDA extension (``_cuda``):
@@ -22,11 +23,12 @@ import threading
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from .reference import (dequantize, pack_int4, quant_linear_ref, quantize_rtn,  # noqa: F401
                         unpack_int4)
 
-__all__ = ["quant_linear", "quant_linear_ref", "pack_int4", "unpack_int4", "dequantize", "quantize_rtn",
+__all__ = ["quant_linear", "dense_linear", "quant_linear_ref", "pack_int4", "unpack_int4", "dequantize", "quantize_rtn",
            "status"]
 
 _CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,6 +58,12 @@ def _register_fake() -> None:
         def _quant_linear_fake(x, qweight, scale, bias=None, bits=4, path=0):
             return x.new_empty((*x.shape[:-1], qweight.shape[0]))
     except Exception:  # noqa: BLE001 - already registered (e.g. a Meta kernel) or old torch
+        pass
+    try:
+        @torch.library.register_fake("glmctl::dense_linear")
+        def _dense_linear_fake(x, weight, bias=None):
+            return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    except Exception:  # noqa: BLE001 - as above
         pass
 
 
@@ -155,6 +163,30 @@ def quant_linear(x, qweight, scale, bias=None, bits: int = 4):
     shape = x.shape
     y = quant_linear_ref(x.reshape(-1, shape[-1]), qweight, scale, bias, bits)
     return y.reshape(*shape[:-1], y.shape[-1])
+
+
+@_constant
+def _dense_available() -> bool:
+    """The CPU extension is loaded and has the dense kernel (an extension built from an older
+    source has only quant_linear); cached."""
+    info = _loaded.get("cpu") or _load("cpu")
+    if "dense" not in info:
+        info["dense"] = bool(info["ok"]) and hasattr(torch.ops.glmctl, "dense_linear")
+    return info["dense"]
+
+
+def dense_linear(x, weight, bias=None):
+    """y = x W^T + b for a floating-point weight, as ``F.linear``.
+
+    In inference (no autograd) on the CPU with fp32 tensors and at most 4 rows of x (a decode
+    step), the C++ GEMV kernel: weight rows split evenly over torch's threads, streamed two at
+    a time (MKL's sgemv reads the weight at about half the streaming bandwidth on the bench's AMD
+    CPU and gains nothing from a second thread; bench/RESULTS.md). Everything else: ``F.linear``.
+    """
+    if (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and x.numel() <= 4 * x.shape[-1] and _dense_available()):
+        return torch.ops.glmctl.dense_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def status() -> dict:

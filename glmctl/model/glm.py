@@ -12,12 +12,14 @@ State-dict keys are exactly SAT's: ``transformer.layers.N.attention.query_key_va
 from __future__ import annotations
 
 import math
+import time
 import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmctl import kernels
 from glmctl.config import ModelConfig
 from glmctl.model import parallel as tp
 from glmctl.tp_layout import shard_tensor
@@ -80,6 +82,154 @@ class KVCache:
         self.values = [None if v is None else v.index_select(0, index) for v in self.values]
 
 
+class StaticKVCache:
+    """The decode cache: per layer a preallocated [b, n, capacity, d] buffer for keys and one for
+    values, written in place (no ``torch.cat`` per step). Columns [start, fill) hold the cached
+    tokens, the same for every row (rows are right-aligned; shorter ones are left-padded with
+    blocked keys). ``append`` has KVCache's contract and returns views of the filled columns;
+    a write past the capacity reallocates (doubling), so a wrong estimate costs time, not results.
+    Padding columns hold zeros, never uninitialised memory: a masked key's weight is exactly 0,
+    and 0 * NaN would not be."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], start: int, fill: int,
+                 prefix_length: int = 0):
+        self.k, self.v = keys, values
+        self.start = start
+        self.fill = [fill] * len(keys)
+        self.prefix_length = prefix_length  # P-tuning prefix columns at the front (glmctl.adapters)
+
+    @classmethod
+    def allocate(cls, num_layers: int, batch: int, heads: int, capacity: int, head_dim: int, dtype, device,
+                 start: int = 0) -> "StaticKVCache":
+        z = dict(dtype=dtype, device=device)
+        return cls([torch.zeros(batch, heads, capacity, head_dim, **z) for _ in range(num_layers)],
+                   [torch.zeros(batch, heads, capacity, head_dim, **z) for _ in range(num_layers)], start, start)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def length(self) -> int:
+        return self.fill[0] - self.start
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        return [k[:, :, self.start:f] for k, f in zip(self.k, self.fill)]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return [v[:, :, self.start:f] for v, f in zip(self.v, self.fill)]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        p, s = self.fill[layer], k.shape[2]
+        if p + s > self.k[layer].shape[2]:
+            self._grow(layer, p + s)
+        self.k[layer][:, :, p:p + s].copy_(k)
+        self.v[layer][:, :, p:p + s].copy_(v)
+        self.fill[layer] = p + s
+        return self.k[layer][:, :, self.start:p + s], self.v[layer][:, :, self.start:p + s]
+
+    def _grow(self, layer: int, need: int) -> None:
+        cap = max(need, 2 * self.k[layer].shape[2])
+        for store in (self.k, self.v):
+            old = store[layer]
+            new = old.new_zeros(*old.shape[:2], cap, old.shape[3])
+            new[:, :, :old.shape[2]] = old
+            store[layer] = new
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select / repeat batch rows (beam search, rows leaving a batch). With as many rows as
+        before (beam search after its first step) only the filled columns move, in place."""
+        if index.numel() == self.k[0].shape[0]:
+            for store in (self.k, self.v):
+                for layer, buf in enumerate(store):
+                    a, b = self.start, self.fill[layer]
+                    buf[:, :, a:b] = buf[:, :, a:b].index_select(0, index)
+            return
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+
+
+def math_attention(q, k, v, mask, c: float, dropout=None):
+    """The explicit attention (GLM-130B's): q [b, n, s, d], k/v [b, n, t, d], bool mask [b, 1, s, t].
+    query_key_layer_scaling: divide by sqrt(d)*c in the model dtype, multiply c back in fp32."""
+    d = q.shape[-1]
+    scores = torch.matmul(q / (math.sqrt(d) * c), k.transpose(-1, -2))  # [b, n, s, t]
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * c  # fp32 softmax
+    scores = scores.masked_fill(mask, -10000.0)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    return torch.matmul(probs, v)
+
+
+class AttentionMask:
+    """A forward's mask, prepared once for every layer (inference with a KV cache).
+
+    ``impl`` "math": the bool mask as is (True = blocked). ``impl`` "sdpa": an additive bias
+    (-10000 on blocked keys, as SelfAttention._sdpa) and, when some row sees no key at all
+    (left padding in a prefill), those rows' queries zeroed (their uniform average, as the
+    explicit path gives them)."""
+
+    def __init__(self, blocked: torch.Tensor, impl: str, dtype: torch.dtype):
+        self.blocked, self.impl = blocked, impl
+        self.bias = self.empty_rows = None
+        if impl == "sdpa":
+            full = blocked.all(dim=-1, keepdim=True)
+            if blocked.device.type != "cpu" or bool(full.any()):  # no host sync on a GPU
+                self.empty_rows = full
+                blocked = blocked & ~full
+            self.bias = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, -10000.0)
+
+
+def _bucket(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+class AttentionPicker:
+    """Chooses the attention kernel ("math" or "sdpa") for each step shape by timing both, once
+    per (device, dtype, batch, heads, new tokens, cached length) bucket (powers of two) on random
+    tensors of that shape. Used by ``GLM.forward`` in inference with a KV cache."""
+
+    IMPLS = ("math", "sdpa")
+
+    def __init__(self, repeats: int = 5):
+        self.repeats = repeats
+        self.choice: dict[tuple, str] = {}
+
+    def pick(self, b: int, n: int, s: int, t: int, d: int, dtype, device) -> str:
+        key = (str(device), dtype, _bucket(b), n, _bucket(s), _bucket(t), d)
+        impl = self.choice.get(key)
+        if impl is None:
+            impl = self.choice[key] = self.measure(*key[2:], dtype=dtype, device=device)
+        return impl
+
+    @torch.inference_mode()
+    def measure(self, b, n, s, t, d, dtype, device) -> str:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(b, n, s, d, generator=g, device=device).to(dtype)
+        k = torch.randn(b, n, t, d, generator=g, device=device).to(dtype)
+        v = torch.randn(b, n, t, d, generator=g, device=device).to(dtype)
+        blocked = torch.zeros(b, 1, s, t, dtype=torch.bool, device=device)
+        blocked[..., 0] = True  # a padding column, as in a batch
+        masks = {impl: AttentionMask(blocked, impl, dtype) for impl in self.IMPLS}
+        run = {"math": lambda: math_attention(q, k, v, masks["math"].blocked, 1.0),
+               "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=masks["sdpa"].bias)}
+        sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+        best = {impl: float("inf") for impl in self.IMPLS}
+        for impl in self.IMPLS:
+            run[impl]()  # warm-up
+        for _ in range(self.repeats):  # alternating, best of
+            for impl in self.IMPLS:
+                sync()
+                t0 = time.perf_counter()
+                run[impl]()
+                sync()
+                best[impl] = min(best[impl], time.perf_counter() - t0)
+        return min(self.IMPLS, key=lambda i: best[i])
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, device=None, dtype=None):
         super().__init__()
@@ -89,7 +239,7 @@ class SelfAttention(nn.Module):
         if cfg.num_attention_heads % tp.tp_size():
             raise ValueError(f"{cfg.num_attention_heads} heads do not split over TP={tp.tp_size()}")
         self.cfg = cfg
-        q = cfg.quantization
+        q = linear_quantization(cfg)
         self.query_key_value = tp.ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, quant=q,
                                                        device=device, dtype=dtype)
         self.dense = tp.RowParallelLinear(cfg.hidden_size, cfg.hidden_size, quant=q, device=device, dtype=dtype)
@@ -106,17 +256,16 @@ class SelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, n, s, d]
         if cache is not None:
             k, v = cache.append(self.layer_id, k, v)  # [b, n, t, d]
-        if self.fast:
+        if isinstance(mask, AttentionMask):  # inference with a cache: mask and kernel chosen once per forward
+            if mask.impl == "sdpa":
+                ctx = F.scaled_dot_product_attention(q if mask.empty_rows is None else q.masked_fill(mask.empty_rows, 0.0),
+                                                     k, v, attn_mask=mask.bias)
+                return self.dense(ctx.transpose(1, 2).reshape(b, s, n * d))
+            mask = mask.blocked
+        elif self.fast:
             return self.dense(self._sdpa(q, k, v, mask).transpose(1, 2).reshape(b, s, n * d))
-        # query_key_layer_scaling: divide by sqrt(d)*c in the model dtype, multiply c back in fp32.
-        c = float(self.layer_id + 1)
-        scores = torch.matmul(q / (math.sqrt(d) * c), k.transpose(-1, -2))  # [b, n, s, t]
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * c  # fp32 softmax
-        scores = scores.masked_fill(mask, -10000.0)
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        probs = self.attention_dropout(probs)
-        ctx = torch.matmul(probs, v).transpose(1, 2).reshape(b, s, n * d)  # head-major context
-        return self.dense(ctx)
+        ctx = math_attention(q, k, v, mask, float(self.layer_id + 1), self.attention_dropout)
+        return self.dense(ctx.transpose(1, 2).reshape(b, s, n * d))  # head-major context
 
     def _sdpa(self, q, k, v, mask):
         """The same attention through F.scaled_dot_product_attention (fused CPU/GPU kernels).
@@ -137,7 +286,7 @@ class GeGLU(nn.Module):
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
-        q = cfg.quantization
+        q = linear_quantization(cfg)
         self.dense_h_to_4h = tp.ColumnParallelLinear(cfg.hidden_size, 2 * cfg.inner_hidden_size, quant=q,
                                                      device=device, dtype=dtype)
         self.dense_4h_to_h = tp.RowParallelLinear(cfg.inner_hidden_size, cfg.hidden_size, quant=q,
@@ -166,10 +315,70 @@ class GLMBlock(nn.Module):
         return self.alpha * m + self.hidden_dropout(self.mlp(m))
 
 
+def linear_quantization(cfg: ModelConfig) -> dict | None:
+    """The quantization of the transformer's linears: ``cfg.quantization`` when it has ``bits``
+    (a quantization block that only quantizes the embedding leaves them in floating point)."""
+    q = cfg.quantization
+    return q if q and q.get("bits") else None
+
+
+class QuantizedVocabEmbedding(nn.Module):
+    """The tied word embedding / output layer stored quantized (opt-in; GLM-130B keeps it in full
+    precision, docs/glm130b.md §7.1): ``weight`` int8 [V, h] (INT8) or [V, h/2] (INT4, the
+    kernels' packed format) and ``weight_scale`` [V] or [V, h/G]. The lookup dequantizes the
+    selected rows (fp32); the output layer runs the quantized kernel (``GLM.logits``).
+    ``spec``: {"bits": 4 | 8, "group_size": G | None}, the ``embedding`` entry of the config's
+    quantization block. Vocabulary-parallel like VocabParallelEmbedding."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, spec: dict, device=None, dtype=None):
+        super().__init__()
+        self.bits, self.group_size = int(spec["bits"]), spec.get("group_size")
+        if self.bits not in (4, 8):
+            raise ValueError(f"embedding quantization: bits must be 4 or 8, got {self.bits}")
+        self.vocab_local = vocab_size // tp.tp_size()
+        self.start = tp.tp_rank() * self.vocab_local
+        cols = hidden_size // 2 if self.bits == 4 else hidden_size
+        self.register_buffer("weight", torch.zeros(self.vocab_local, cols, dtype=torch.int8, device=device))
+        shape = (self.vocab_local, hidden_size // self.group_size) if self.group_size else (self.vocab_local,)
+        self.register_buffer("weight_scale", torch.ones(shape, dtype=dtype or torch.float16, device=device))
+
+    def forward(self, ids):
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.vocab_local)
+        local = local.masked_fill(outside, 0)
+        q = self.weight[local]
+        q = kernels.unpack_int4(q) if self.bits == 4 else q
+        s = self.weight_scale[local].float()
+        s = s[..., None] if s.dim() == local.dim() else s.repeat_interleave(q.shape[-1] // s.shape[-1], dim=-1)
+        out = (q.float() * s).masked_fill(outside.unsqueeze(-1), 0.0)
+        return tp.reduce_from_tp(out)
+
+    def output(self, hidden: torch.Tensor) -> torch.Tensor:
+        return kernels.quant_linear(hidden, self.weight, self.weight_scale, bits=self.bits)
+
+
+def quantize_tied_embedding(state_dict: dict, bits: int, group_size: int | None = None) -> dict:
+    """The state dict with its tied embedding/output matrix quantized by GLM-130B's RTN absmax
+    (``kernels.quantize_rtn``; INT8, or INT4 with optional groups as llama.cpp stores its output
+    layer): ``transformer.word_embeddings.weight`` becomes int8 with a ``..._scale`` beside it.
+    Pair it with ``quantization["embedding"] = {"bits": bits, "group_size": group_size}`` in the
+    config. Other tensors are passed through (the same objects)."""
+    key = "transformer.word_embeddings.weight"
+    out = dict(state_dict)
+    w = out.pop(key)
+    if not w.is_floating_point():
+        raise ValueError(f"{key} is already quantized")
+    q, s = kernels.quantize_rtn(w.float(), bits, group_size)
+    out[key], out[key + "_scale"] = q, s
+    return out
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
-        self.word_embeddings = tp.VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, device, dtype)
+        eq = (cfg.quantization or {}).get("embedding")
+        self.word_embeddings = (QuantizedVocabEmbedding(cfg.vocab_size, cfg.hidden_size, eq, device, dtype) if eq
+                                else tp.VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, device, dtype))
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList(GLMBlock(cfg, i, device, dtype) for i in range(cfg.num_layers))
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=device, dtype=dtype)
@@ -191,6 +400,10 @@ class GLM(nn.Module):
         self.embedding_grad_shrink = 1.0
         # Gradient checkpointing of each layer (pretraining large models).
         self.activation_checkpointing = False
+        # Inference with a KV cache (decoding): the attention kernel, "auto" = the faster of the
+        # explicit math and F.scaled_dot_product_attention, measured per step shape.
+        self.decode_attention = "auto"
+        self.attention_picker = AttentionPicker()
 
     def use_fast_attention(self, enabled: bool = True) -> "GLM":
         """Switch every layer to F.scaled_dot_product_attention (SelfAttention._sdpa) or back."""
@@ -206,10 +419,19 @@ class GLM(nn.Module):
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)
 
+    def new_static_kv_cache(self, batch: int, capacity: int, start: int = 0) -> StaticKVCache:
+        """A preallocated decode cache for ``batch`` rows and ``capacity`` columns, filled from ``start``."""
+        ln = self.transformer.final_layernorm.weight
+        return StaticKVCache.allocate(self.config.num_layers, batch, self.transformer.layers[0].attention.heads_local
+                                      if len(self.transformer.layers) else 0, capacity, self.config.head_dim,
+                                      ln.dtype, ln.device, start)
+
     def forward(self, tokens, position_ids, attention_mask, kv_cache: KVCache | None = None,
                 parallel_output: bool = False, return_hidden: bool = False):
         cfg = self.config
         h = self.transformer.word_embeddings(tokens)
+        if isinstance(self.transformer.word_embeddings, QuantizedVocabEmbedding):
+            h = h.to(self.transformer.final_layernorm.weight.dtype)
         a = self.embedding_grad_shrink
         if a != 1.0 and h.requires_grad:
             h = h * a + h.detach() * (1.0 - a)
@@ -217,6 +439,8 @@ class GLM(nn.Module):
         cos, sin = self.rope(position_ids, h.dtype)
         if attention_mask.dim() == 3:
             attention_mask = attention_mask.unsqueeze(1)
+        if kv_cache is not None and not torch.is_grad_enabled() and self.transformer.layers:
+            attention_mask = AttentionMask(attention_mask, self._decode_attention(h, kv_cache.length), h.dtype)
         for layer in self.transformer.layers:
             if self.activation_checkpointing and self.training:
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attention_mask, kv_cache,
@@ -228,10 +452,25 @@ class GLM(nn.Module):
             return h
         return self.logits(h, parallel_output)
 
+    def _decode_attention(self, h: torch.Tensor, cached: int) -> str:
+        """The attention kernel of this inference forward: ``decode_attention``, or when "auto"
+        the one ``attention_picker`` measured faster for this shape; a model switched to fast
+        attention (``use_fast_attention``) keeps SDPA."""
+        att = self.transformer.layers[0].attention
+        if att.fast:
+            return "sdpa"
+        if self.decode_attention != "auto":
+            return self.decode_attention
+        b, s = h.shape[:2]
+        return self.attention_picker.pick(b, att.heads_local, s, cached + s, att.head_dim, h.dtype, h.device)
+
     def logits(self, hidden: torch.Tensor, parallel_output: bool = False) -> torch.Tensor:
         """The output layer, tied to the word embedding (docs/glm130b.md §2.5): hidden [..., h] ->
-        logits [..., vocab] (this rank's vocabulary slice with ``parallel_output``)."""
-        logits = F.linear(tp.copy_to_tp(hidden), self.transformer.word_embeddings.weight)
+        logits [..., vocab] (this rank's vocabulary slice with ``parallel_output``). A quantized
+        embedding runs the quantized kernel; in inference a float one the small-m GEMV kernel."""
+        emb = self.transformer.word_embeddings
+        x = tp.copy_to_tp(hidden)
+        logits = emb.output(x) if isinstance(emb, QuantizedVocabEmbedding) else kernels.dense_linear(x, emb.weight)
         return logits if parallel_output else tp.gather_last_dim(logits)
 
     # ---- state dict: accept SAT's ignored rotary buffers ----------------------------------

@@ -154,7 +154,7 @@ class _TPLinear(nn.Module):
 
     def _matmul(self, x, bias=None):
         if self.quant is None:
-            return F.linear(x, self.weight, bias)
+            return kernels.dense_linear(x, self.weight, bias)  # F.linear, or the GEMV kernel when decoding
         return kernels.quant_linear(x, self.weight, self.weight_scale, bias, bits=self.quant["bits"])
 
     def extra_repr(self):

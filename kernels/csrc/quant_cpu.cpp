@@ -536,6 +536,100 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   return out.reshape(c.out_shape);
 }
 
+// ---- fp32 linear for small m (decode): y = x W^T + b, W fp32 [n, k] --------------------------
+// A decode step is a GEMV: every weight byte is read once and used m times, so its speed is the
+// memory bandwidth one gets.  MKL's sgemv reaches about half of a plain streaming read on the
+// AMD EPYC of the bench machine and does not gain from a second thread (bench/RESULTS.md, issue
+// 20).  This kernel streams two weight rows at a time with 8 independent FMA chains and splits
+// the rows evenly over torch's OpenMP threads, one contiguous range per thread.
+#if GLMCTL_X86
+template <int MB>
+GLMCTL_AVX2 void dense_rows_avx2(const float* x, int64_t k, const float* w0, const float* w1, float* res) {
+  __m256 a[2][MB][2];
+  for (int j = 0; j < 2; ++j)
+    for (int i = 0; i < MB; ++i) a[j][i][0] = a[j][i][1] = _mm256_setzero_ps();
+  const int64_t kf = k & ~int64_t(15);
+  for (int64_t c = 0; c < kf; c += 16) {
+    // Software prefetch one row pair ahead (rows are contiguous: the stream is sequential).
+    _mm_prefetch(reinterpret_cast<const char*>(w1 + k + c), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w1 + 2 * k + c), _MM_HINT_T0);
+    const __m256 w0a = _mm256_loadu_ps(w0 + c), w0b = _mm256_loadu_ps(w0 + c + 8);
+    const __m256 w1a = _mm256_loadu_ps(w1 + c), w1b = _mm256_loadu_ps(w1 + c + 8);
+    for (int i = 0; i < MB; ++i) {
+      const __m256 xa = _mm256_loadu_ps(x + i * k + c), xb = _mm256_loadu_ps(x + i * k + c + 8);
+      a[0][i][0] = _mm256_fmadd_ps(xa, w0a, a[0][i][0]);
+      a[0][i][1] = _mm256_fmadd_ps(xb, w0b, a[0][i][1]);
+      a[1][i][0] = _mm256_fmadd_ps(xa, w1a, a[1][i][0]);
+      a[1][i][1] = _mm256_fmadd_ps(xb, w1b, a[1][i][1]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    float v0 = hsum256(_mm256_add_ps(a[0][i][0], a[0][i][1]));
+    float v1 = hsum256(_mm256_add_ps(a[1][i][0], a[1][i][1]));
+    for (int64_t c = kf; c < k; ++c) {
+      v0 += x[i * k + c] * w0[c];
+      v1 += x[i * k + c] * w1[c];
+    }
+    res[i * 2] = v0;
+    res[i * 2 + 1] = v1;
+  }
+}
+#endif
+
+constexpr int64_t kDenseMaxM = 4;  // m above which at::linear (MKL sgemm) is used
+
+at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "glmctl::dense_linear (CPU): tensors must be on the CPU");
+  TORCH_CHECK(weight.dim() == 2, "glmctl::dense_linear: weight must be 2-D [n, k]");
+  const int64_t k = x.size(-1), n = weight.size(0);
+  TORCH_CHECK(weight.size(1) == k, "glmctl::dense_linear: x has ", k, " features, weight ", weight.size(1));
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor x2d = x.reshape({-1, k});
+  const int64_t m = x2d.size(0);
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = n;
+  if (!use_avx2() || x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat || m > kDenseMaxM ||
+      m == 0 || n < 2 || (has_bias && bias->scalar_type() != at::kFloat)) {
+    at::Tensor y = at::mm(x2d, weight.t());
+    if (has_bias) y.add_(*bias);
+    return y.reshape(out_shape);
+  }
+#if GLMCTL_X86
+  const at::Tensor xc = x2d.contiguous(), wc = weight.contiguous();
+  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({m, n}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  const float* bp = has_bias ? bc.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t npairs = (n + 1) / 2;
+  // One even, contiguous range per thread (the rows are equally expensive).
+  const int64_t grain = std::max<int64_t>(1, npairs / std::max<int64_t>(1, at::get_num_threads()));
+  at::parallel_for(0, npairs, grain, [&](int64_t b0, int64_t b1) {
+    float res[2 * kDenseMaxM];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = 2 * b;
+      const int64_t r1 = std::min<int64_t>(r0 + 1, n - 1);  // odd n: the last row twice
+      const float* w0 = wp + r0 * k;
+      const float* w1 = wp + r1 * k;
+      switch (m) {
+        case 1: dense_rows_avx2<1>(xp, k, w0, w1, res); break;
+        case 2: dense_rows_avx2<2>(xp, k, w0, w1, res); break;
+        case 3: dense_rows_avx2<3>(xp, k, w0, w1, res); break;
+        default: dense_rows_avx2<4>(xp, k, w0, w1, res); break;
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        op[i * n + r0] = res[i * 2] + (bp ? bp[r0] : 0.f);
+        if (r1 != r0) op[i * n + r1] = res[i * 2 + 1] + (bp ? bp[r1] : 0.f);
+      }
+    }
+  });
+  return out.reshape(out_shape);
+#else
+  return at::mm(x2d, weight.t()).reshape(out_shape);
+#endif
+}
+
 std::string cpu_isa() { return use_avx2() ? "avx2+fma" : (cpu_has_avx2() ? "scalar (forced)" : "scalar"); }
 
 bool cpu_force_scalar(bool on) { return g_force_scalar.exchange(on); }
@@ -545,11 +639,15 @@ bool cpu_force_scalar(bool on) { return g_force_scalar.exchange(on); }
 
 TORCH_LIBRARY(glmctl, m) {
   m.def("quant_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias=None, int bits=4, int path=0) -> Tensor");
+  m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("cpu_isa() -> str", &glmctl::cpu_isa);
   m.def("cpu_force_scalar(bool on) -> bool", &glmctl::cpu_force_scalar);
 }
 
-TORCH_LIBRARY_IMPL(glmctl, CPU, m) { m.impl("quant_linear", &glmctl::quant_linear_cpu); }
+TORCH_LIBRARY_IMPL(glmctl, CPU, m) {
+  m.impl("quant_linear", &glmctl::quant_linear_cpu);
+  m.impl("dense_linear", &glmctl::dense_linear_cpu);
+}
 
 // The shape function (fake / meta kernel, symbolic shapes included) is registered from Python:
 // glmctl/kernels/__init__.py, torch.library.register_fake.
