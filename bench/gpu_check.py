@@ -71,7 +71,6 @@ def build(mode: str) -> None:
                 env["CUDA_HOME"] = cand
                 break
     env["GLMCTL_STRICT_BUILD"] = "1"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")  # setup.py imports kernels.build
     log(f"build: TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']} CUDA_HOME={env.get('CUDA_HOME')}")
     t0 = time.time()
     steps = {"pip": [[sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(REPO)]],
