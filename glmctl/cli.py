@@ -33,7 +33,7 @@ app = typer.Typer(
 )
 
 # Pipeline order: this is the order `glmctl --help` lists them in.
-COMMAND_MODULES = ["tokenize", "pretrain", "convert", "quantize", "evaluate", "generate", "serve", "report",
+COMMAND_MODULES = ["tokenize", "pretrain", "convert", "quantize", "finetune", "evaluate", "generate", "serve", "report",
                    "inspect", "kernels"]
 
 

@@ -655,7 +655,7 @@ def span_generation(gen: GenerationConfig, ids: dict) -> GenerationConfig:
 
 
 class BlankFill:
-    """One prompt's blanks (spec §4.3), filled one decoding round at a time.
+    """One prompt's blanks (docs/glm130b.md §4.3), filled one decoding round at a time.
 
     ``request()`` is the next round's decode input (None once every blank of the mask in use is
     filled); ``complete(hypotheses)`` puts the best one in that blank's place, so the next round

@@ -11,7 +11,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-STAGE_ORDER = ["sample-corpus", "tokenizer", "tokenize", "pretrain", "convert", "quantize", "evaluate"]
+STAGE_ORDER = ["sample-corpus", "tokenizer", "tokenize", "pretrain", "convert", "quantize", "finetune", "evaluate"]
 
 
 def _seconds(m: dict) -> float | None:
@@ -51,6 +51,10 @@ def key_numbers(m: dict) -> str:
         qq = q.get("quantized", {})
         return (f"{qq.get('name')}: ppl {_g(q.get('parent', {}).get('ppl'))} -> {_g(qq.get('ppl'))} "
                 f"({_g(qq.get('ppl_increase_pct'), '{:+.2f}')}%), top-1 agree {_g(qq.get('top1_agreement'))}")
+    if stage == "finetune":
+        size = f", adapter {s['adapter_bytes'] / 1024:.0f} KiB" if s.get("adapter_bytes") else ""
+        return (f"{s.get('method')}: step {s.get('step')}, held-out loss {_g(s.get('eval_loss'))}, "
+                f"{s.get('trainable_parameters', 0):,} trainable parameters{size}")
     if stage == "evaluate":
         parts = []
         for task, metrics in s.items():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from glmctl.adapters import load_adapter
 from glmctl.artifacts import read_manifest
 from glmctl.checkpoint import load_model
 from glmctl.config import ModelConfig
@@ -86,12 +87,14 @@ class Session:
 
 
 def open_model(path: str | Path, *, dtype=None, device=None, tokenizer: str | Path | None = None,
-               need_tokenizer: bool = True) -> Session:
+               need_tokenizer: bool = True, adapter: str | Path | None = None) -> Session:
     """Load the checkpoint at ``path`` for this rank and check its tokenizer (module docstring).
 
     ``dtype``: 'fp32' | 'bf16' | 'fp16' or a torch dtype for the float weights (default: as
     stored). ``tokenizer``: another tokenizer directory (default: the checkpoint's copy).
     ``need_tokenizer=False``: a checkpoint without one opens with ``tokenizer=None``.
+    ``adapter``: a LoRA / P-tuning adapter directory (or finetune run) made on this checkpoint,
+    attached to the model (glmctl.adapters); one made on another base is an InputError (exit 3).
     """
     path = Path(path)
     manifest = read_manifest(path)  # one clear line for a missing or incomplete checkpoint
@@ -102,4 +105,7 @@ def open_model(path: str | Path, *, dtype=None, device=None, tokenizer: str | Pa
     model = load_model(path, dtype=dtype, device=device)
     if tok is not None:
         check_tokenizer(model.config, tok, path)
+    if adapter is not None:
+        load_adapter(model, adapter, path)
+        model.eval()
     return Session(path=path, model=model, tokenizer=tok, manifest=manifest)

@@ -28,9 +28,9 @@ from torch import nn
 from glmctl import console
 from glmctl import objective as obj
 from glmctl import train_utils as tu
-from glmctl.artifacts import atomic_open
+from glmctl.artifacts import atomic_open, read_manifest
 from glmctl.checkpoint import read_state_dict, save_model
-from glmctl.errors import InputError, UsageError
+from glmctl.errors import EXIT_INTERRUPTED, GlmctlError, InputError, UsageError
 from glmctl.model import GLM
 from glmctl.model import parallel as tp
 from glmctl.runtime import Runtime
@@ -94,31 +94,89 @@ class DeepSpeedMPU:
     get_tensor_model_parallel_group = get_model_parallel_group
 
 
+# ---- where batches come from, where weights go -------------------------------------------------
+class PretrainSource:
+    """Pre-training sequences: global sample i is built on the fly from training window i by the
+    objective (glmctl.objective), seeded by (seed, i); held-out windows use [gMASK]."""
+
+    def __init__(self, data: tu.TrainData, ocfg: obj.ObjectiveConfig, ids: obj.SpecialIds, seed: int,
+                 vocab_size: int, instructions=None):
+        self.data, self.ocfg, self.ids, self.seed, self.instructions = data, ocfg, ids, seed, instructions
+        self.vocab_size = vocab_size
+
+    def batch(self, indices) -> list:
+        chunks = self.data.train_chunks(indices)
+        return [obj.build_sequence(ch, obj.sample_rng(self.seed, i), self.ocfg, self.ids, self.instructions)
+                for ch, i in zip(chunks, indices)]
+
+    def held_out(self, dp: int, dp_rank: int, eval_samples: int):
+        """This rank's held-out sequences ([gMASK], fixed for the run) and the unigram baseline's
+        loss on exactly the tokens the model is scored on (all ranks' sequences)."""
+        n_valid = len(self.data.valid_index)
+        n = max(dp, min(eval_samples, n_valid) // dp * dp)  # equal share per rank
+        seqs = [obj.build_sequence(self.data.valid_chunk(k % n_valid),
+                                   obj.sample_rng(self.seed + EVAL_SEED_OFFSET, k % n_valid), self.ocfg, self.ids,
+                                   kind=obj.GMASK) for k in range(n)]
+        logp = tu.unigram_logprobs(self.data.unigram_counts(self.vocab_size))
+        scored = np.concatenate([s.targets[s.loss] for s in seqs])
+        return seqs[dp_rank::dp], float(-logp[scored].mean())
+
+
+class ModelWeights:
+    """A checkpoint's weights are the whole model (checkpoint.save_model / read_state_dict)."""
+
+    def save(self, glm: GLM, path: Path, **kw) -> None:
+        save_model(glm, path, **kw)
+
+    def load(self, glm: GLM, path: Path) -> None:
+        glm.load_state_dict(read_state_dict(path, tp.tp_size(), tp.tp_rank())[1])
+
+
 # ---- the trainer -------------------------------------------------------------------------------
 class Trainer:
     """The model, optimizer and counters of one run, and the three things done with them:
     ``train_step``, ``evaluate`` and ``save`` / ``load`` (checkpoints).
 
-    ``c`` is a ``glmctl.stages.pretrain.PretrainConfig`` (read, never changed); ``data`` a
-    ``train_utils.TrainData``; ``instructions`` the MIP (prompt, target) id pairs or None."""
+    ``Trainer(c, rt, mcfg, ...)`` is pre-training: ``c`` a ``glmctl.stages.pretrain.PretrainConfig``
+    (read, never changed), ``data`` a ``train_utils.TrainData``, ``instructions`` the MIP
+    (prompt, target) id pairs or None. ``Trainer.for_model`` trains a GLM built elsewhere (fine-
+    tuning): only its parameters with ``requires_grad`` go to the optimizer, batches come from a
+    ``source`` (``batch(indices)``, ``held_out(dp, dp_rank, n)``), and ``weights`` says how a
+    checkpoint's weights are written and read (default: the whole model, ``save_model``)."""
 
     def __init__(self, c, rt: Runtime, mcfg, seq_len: int, data: tu.TrainData, tok_dir, instructions,
                  run_dir: Path, inputs: list):
-        self.c, self.rt, self.data, self.tok_dir, self.instructions = c, rt, data, tok_dir, instructions
-        self.run_dir, self.inputs, self.seq_len = run_dir, inputs, seq_len
-        self.ocfg = obj.ObjectiveConfig(seq_len=seq_len, mask_ratio=c.mask_ratio, mask_prob=c.mask_prob,
-                                        span_lambda=c.span_lambda, gmask_min_ratio=c.gmask_min_ratio,
-                                        samples_per_sequence=c.samples_per_sequence,
-                                        mip_ratio=c.mip_ratio if instructions else 0.0)
-        self.ids = obj.SpecialIds.from_dict(mcfg.special_token_ids())
+        self.data, self.instructions = data, instructions
         # model: fp32 master weights, DeepNorm init (docs/glm130b.md §2.7), embedding gradient shrink (§5.3)
-        self.glm = GLM(mcfg).init_weights(c.seed, embedding_std=c.embedding_init_std)
-        self.glm.embedding_grad_shrink = c.embedding_grad_shrink
-        self.glm.activation_checkpointing = c.activation_checkpointing
-        self.glm.use_fast_attention(not c.exact_attention)  # same values, fused kernels (SelfAttention._sdpa)
+        glm = GLM(mcfg).init_weights(c.seed, embedding_std=c.embedding_init_std)
+        glm.embedding_grad_shrink = c.embedding_grad_shrink
+        glm.activation_checkpointing = c.activation_checkpointing
+        glm.use_fast_attention(not c.exact_attention)  # same values, fused kernels (SelfAttention._sdpa)
         if c.init_from is not None:
-            self.glm.load_state_dict(read_state_dict(c.init_from, tp.tp_size(), tp.tp_rank())[1])
-        self.glm.to(rt.device)
+            glm.load_state_dict(read_state_dict(c.init_from, tp.tp_size(), tp.tp_rank())[1])
+        ocfg = obj.ObjectiveConfig(seq_len=seq_len, mask_ratio=c.mask_ratio, mask_prob=c.mask_prob,
+                                   span_lambda=c.span_lambda, gmask_min_ratio=c.gmask_min_ratio,
+                                   samples_per_sequence=c.samples_per_sequence,
+                                   mip_ratio=c.mip_ratio if instructions else 0.0)
+        source = PretrainSource(data, ocfg, obj.SpecialIds.from_dict(mcfg.special_token_ids()), c.seed,
+                                mcfg.vocab_size, instructions)
+        self._setup(c, rt, glm, seq_len, source, tok_dir, run_dir, inputs, stage="pretrain", weights=None,
+                    steps=None)
+
+    @classmethod
+    def for_model(cls, c, rt: Runtime, glm: GLM, seq_len: int, source, tok_dir, run_dir: Path, inputs: list, *,
+                  stage: str, steps: int, weights=None) -> "Trainer":
+        """A trainer for ``glm`` as it is (loaded, adapters attached, frozen where it should be)."""
+        self = cls.__new__(cls)
+        self._setup(c, rt, glm, seq_len, source, tok_dir, run_dir, inputs, stage=stage, weights=weights,
+                    steps=steps)
+        return self
+
+    def _setup(self, c, rt, glm, seq_len, source, tok_dir, run_dir, inputs, *, stage, weights, steps):
+        self.c, self.rt, self.tok_dir, self.source, self.stage = c, rt, tok_dir, source, stage
+        self.run_dir, self.inputs, self.seq_len = run_dir, inputs, seq_len
+        self.weights = weights or ModelWeights()
+        self.glm = glm.to(rt.device).train()
         self.module = GLMObjective(self.glm)
         if c.compile and not rt.deepspeed:  # fuses RoPE, DeepNorm, GeGLU...; compiles at the first step
             self.module.compiled.append(torch.compile(self.glm))
@@ -126,11 +184,13 @@ class Trainer:
         # schedule, counted in samples (docs/glm130b.md §5.2)
         self.final_batch = c.global_batch_size or c.micro_batch_size * rt.dp
         self.rampup = tu.Rampup.parse(c.batch_size_rampup) if c.batch_size_rampup else None
-        self.total_steps, total_samples = tu.plan_steps(
-            steps=c.steps if c.steps is not None or c.tokens is not None else 1000,
-            samples=-(-c.tokens // seq_len) if c.tokens is not None else None,
-            final_batch=self.final_batch, rampup=self.rampup)
-        self.peak_lr = c.lr or tu.default_lr(mcfg.hidden_size)
+        samples = None
+        if steps is None:  # pretrain: --steps or --tokens
+            steps = c.steps if c.steps is not None or c.tokens is not None else 1000
+            samples = -(-c.tokens // seq_len) if c.tokens is not None else None
+        self.total_steps, total_samples = tu.plan_steps(steps=steps, samples=samples, final_batch=self.final_batch,
+                                                        rampup=self.rampup)
+        self.peak_lr = c.lr or tu.default_lr(glm.config.hidden_size)
         self.min_lr = c.min_lr if c.min_lr is not None else 0.1 * self.peak_lr
         warm = (c.warmup * total_samples if c.warmup < 1 else
                 tu.plan_steps(steps=int(c.warmup), samples=None, final_batch=self.final_batch, rampup=self.rampup)[1])
@@ -158,7 +218,7 @@ class Trainer:
         self.step = self.consumed = self.skipped = 0
         self.elapsed_before = 0.0
         self.t_start = time.monotonic()
-        self.eval_seqs, self.unigram_loss = self.held_out()
+        self.eval_seqs, self.unigram_loss = self.source.held_out(rt.dp, rt.dp_rank, c.eval_samples)
 
     def deepspeed_config(self) -> dict:
         c, rt = self.c, self.rt
@@ -180,24 +240,9 @@ class Trainer:
         return ds
 
     # ---- batches ---------------------------------------------------------------------------
-    def batch(self, indices, valid=False) -> list:
-        """The sequences of global training samples ``indices`` (or held-out windows, [gMASK])."""
-        if valid:
-            return [obj.build_sequence(self.data.valid_chunk(k), obj.sample_rng(self.c.seed + EVAL_SEED_OFFSET, k),
-                                       self.ocfg, self.ids, kind=obj.GMASK) for k in indices]
-        chunks = self.data.train_chunks(indices)
-        return [obj.build_sequence(ch, obj.sample_rng(self.c.seed, i), self.ocfg, self.ids, self.instructions)
-                for ch, i in zip(chunks, indices)]
-
-    def held_out(self):
-        """This rank's held-out sequences ([gMASK], fixed for the run) and the unigram baseline's
-        loss on exactly the tokens the model is scored on (all ranks' sequences)."""
-        n_valid = len(self.data.valid_index)
-        n = max(self.rt.dp, min(self.c.eval_samples, n_valid) // self.rt.dp * self.rt.dp)  # equal share per rank
-        seqs = self.batch([k % n_valid for k in range(n)], valid=True)
-        logp = tu.unigram_logprobs(self.data.unigram_counts(self.glm.config.vocab_size))
-        scored = np.concatenate([s.targets[s.loss] for s in seqs])
-        return seqs[self.rt.dp_rank::self.rt.dp], float(-logp[scored].mean())
+    def batch(self, indices) -> list:
+        """The sequences of global training samples ``indices``."""
+        return self.source.batch(indices)
 
     def autocast(self):
         if self.rt.deepspeed or self.c.precision == "fp32":
@@ -285,6 +330,9 @@ class Trainer:
         return float(tot[0] / tot[1])
 
     # ---- checkpoints -----------------------------------------------------------------------
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.glm.parameters() if p.requires_grad)
+
     def state(self, rngs: list) -> dict:
         keep_opt = self.engine is None and self.rt.tp == 1
         return {"format": STATE_FORMAT, "version": 1, "step": self.step, "consumed_samples": self.consumed,
@@ -331,14 +379,15 @@ class Trainer:
 
         with self.full_weights() as weights:
             if rt.dp_rank == 0:
-                save_model(weights, path, tokenizer=self.tok_dir, stage="pretrain", config_extra={"pretrain": config},
-                           inputs=self.inputs, summary={"step": self.step, **summary}, write_extra=extra)
+                self.weights.save(weights, path, tokenizer=self.tok_dir, stage=self.stage,
+                                  config_extra={self.stage: config}, inputs=self.inputs,
+                                  summary={"step": self.step, **summary}, write_extra=extra)
         rt.barrier()
         if rt.rank == 0:
             tu.write_latest(self.run_dir, name)
             tu.prune_checkpoints(self.run_dir, self.c.keep)
             tu.write_loss_plot(tu.read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png",
-                               title=f"glmctl pretrain {self.run_dir.name}", unigram_loss=self.unigram_loss)
+                               title=f"glmctl {self.stage} {self.run_dir.name}", unigram_loss=self.unigram_loss)
         return path
 
     def load(self, path: Path) -> None:
@@ -364,7 +413,7 @@ class Trainer:
             if loaded is None:
                 raise InputError(f"{ds_dir}: DeepSpeed could not load the checkpoint")
         else:
-            self.glm.load_state_dict(read_state_dict(path, tp.tp_size(), tp.tp_rank())[1])
+            self.weights.load(self.glm, path)
             opt = st["optimizer"]
             if opt is None:
                 of = path / "trainer" / f"optimizer-tp{tp.tp_rank():02d}.pt"
@@ -383,3 +432,98 @@ class Trainer:
 
     def elapsed(self) -> float:
         return self.elapsed_before + (time.monotonic() - self.t_start)
+
+
+# ---- the training loop (pretrain, finetune) ------------------------------------------------------
+def resume_point(c, run_dir: Path) -> Path | None:
+    """The checkpoint ``c.resume`` names (auto: the newest complete one in ``run_dir``), or None."""
+    found = tu.complete_checkpoints(run_dir)
+    if c.resume is None:
+        if found:
+            raise UsageError(f"{run_dir} already holds checkpoints ({found[-1][1].name}); continue it with "
+                             f"--resume auto, or choose another --out")
+        return None
+    if c.resume == "auto":
+        if not found:
+            console.log(f"--resume auto: no checkpoint in {run_dir}, starting from scratch")
+            return None
+        return found[-1][1]
+    read_manifest(c.resume)  # exit 3 for an incomplete folder
+    return Path(c.resume)
+
+
+def run_loop(tr: Trainer, resolved: dict, t0: float) -> dict:
+    """Steps until the planned number, with logging, evaluation, checkpoints and stop requests."""
+    c, rt = tr.c, tr.rt
+    save_every = c.save_interval or max(1, tr.total_steps // 10)
+    eval_every = c.eval_interval or save_every
+    metrics = tr.run_dir / "metrics.jsonl"
+    tr.t_start = time.monotonic()
+    window = {"loss": [], "time": 0.0, "tokens": 0, "scored": 0}
+    last = {}
+    train_time, train_tokens = 0.0, 0
+
+    def record(r: dict):
+        if rt.rank == 0:
+            with open(metrics, "a") as f:
+                f.write(json.dumps(r) + "\n")
+
+    def summary(eval_loss: float) -> dict:
+        return {"step": tr.step, "samples": tr.consumed, "tokens": tr.consumed * tr.seq_len,
+                "train_loss": last.get("loss"), "eval_loss": eval_loss, "eval_ppl": math.exp(min(50.0, eval_loss)),
+                **({"unigram_ppl": math.exp(tr.unigram_loss)} if tr.unigram_loss is not None else {}),
+                "skipped_steps": tr.skipped,
+                "tokens_per_s": round(train_tokens / train_time, 1) if train_time else None,
+                "wall_s": round(tr.elapsed(), 1), "parameters": tr.glm.config.num_parameters(),
+                **({"trainable_parameters": tr.trainable_parameters()} if tr.stage != "pretrain" else {})}
+
+    with tu.StopSignals() as sig, console.progress(tr.total_steps - tr.step, tr.stage, "step") as bar:
+        while tr.step < tr.total_steps:
+            ts = time.monotonic()
+            m = tr.train_step()
+            dt = time.monotonic() - ts
+            train_time += dt
+            train_tokens += m["batch_size"] * tr.seq_len
+            window["time"] += dt
+            window["tokens"] += m["batch_size"] * tr.seq_len
+            window["scored"] += m["scored_tokens"]
+            if math.isfinite(m["loss"]):
+                window["loss"].append(m["loss"])
+            if tr.step % c.log_interval == 0 or tr.step == tr.total_steps:
+                loss = sum(window["loss"]) / len(window["loss"]) if window["loss"] else float("nan")
+                last = {"step": tr.step, "samples": tr.consumed, "tokens": tr.consumed * tr.seq_len, "loss": loss,
+                        "lr": m["lr"], "grad_norm": m["grad_norm"], "loss_scale": m["loss_scale"],
+                        "skipped_steps": tr.skipped, "batch_size": m["batch_size"], "scored_tokens": window["scored"],
+                        "tokens_per_s": round(window["tokens"] / window["time"], 1),
+                        "elapsed_s": round(tr.elapsed(), 2)}
+                record(last)
+                window = {"loss": [], "time": 0.0, "tokens": 0, "scored": 0}
+            bar.update(1, loss=m["loss"], lr=m["lr"], gnorm=m["grad_norm"], scale=m["loss_scale"],
+                       tok_s=round(m["batch_size"] * tr.seq_len / dt))
+            done = tr.step == tr.total_steps
+            if tr.step % eval_every == 0 and not done:
+                ev = tr.evaluate()
+                record({"step": tr.step, "eval_loss": ev, "eval_ppl": math.exp(min(50.0, ev)),
+                        **({"unigram_ppl": math.exp(tr.unigram_loss)} if tr.unigram_loss is not None else {})})
+            saved = tr.step % save_every == 0 and not done
+            if saved:
+                tr.save(tu.step_name(tr.step), summary(float("nan")), resolved)
+            # stop requests: a signal on any rank, or the wall-clock budget (all ranks agree)
+            flag = 2 if c.max_wall_time is not None and time.monotonic() - t0 >= c.max_wall_time else 0
+            flag = max(flag, 1 if sig.received else 0)
+            flag = int(rt.all_reduce(torch.tensor([flag]), op="max")[0])
+            if flag and not done:
+                why = "--max-wall-time reached" if flag == 2 else f"{sig.received or 'signal'} received"
+                path = tr.run_dir / tu.step_name(tr.step)
+                if not saved:
+                    path = tr.save(tu.step_name(tr.step), summary(float("nan")), resolved)
+                raise GlmctlError(f"{why}: checkpoint saved at {path}; continue with --resume auto",
+                                  EXIT_INTERRUPTED)
+    ev = tr.evaluate()
+    out = summary(ev)
+    record({"step": tr.step, "eval_loss": ev, "eval_ppl": out["eval_ppl"],
+            **({"unigram_ppl": out["unigram_ppl"]} if "unigram_ppl" in out else {}), "final": True})
+    vs = f" vs unigram {out['unigram_ppl']:.2f}" if "unigram_ppl" in out else ""
+    console.log(f"{tr.stage}: step {tr.step}, held-out ppl {out['eval_ppl']:.2f}{vs}, "
+                f"{out['skipped_steps']} skipped steps, {out['tokens_per_s']} tokens/s")
+    return out

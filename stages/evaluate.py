@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
+import hashlib
 import json
 import os
 import time
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 
 from glmctl import __version__, console, runtime
+from glmctl.adapters import resolve_adapter_dir
 from glmctl.artifacts import is_up_to_date, manifest_hash, read_manifest
 from glmctl.errors import EXIT_BAD_INPUT, EXIT_GATE, GateFailed, GlmctlError, InputError, UsageError
 from glmctl.evaluation.results import build_results, main_metrics
@@ -64,6 +66,7 @@ class EvaluateConfig:
     limit: int | None = None             # at most N examples (LM: documents) per data file
     batch_size: int = 8
     dtype: str | None = None             # fp32 | bf16 | fp16 (default: as stored)
+    adapter: str | None = None           # a LoRA / P-tuning adapter made on this model (glmctl finetune)
     device: str | None = None            # default: cuda when available, else cpu
     lock: str | None = None              # a path, or "auto" for the default next to ``out``
     lock_timeout: float = 0.0
@@ -243,6 +246,9 @@ def _run(c: EvaluateConfig, rt, output: StageOutput) -> EvaluateResult:
     model_dir = Path(c.model)
     read_manifest(model_dir)  # a clear error for a missing or incomplete checkpoint
     model_hash = manifest_hash(model_dir)
+    if c.adapter is not None:  # results, caches and history belong to the model with its adapter
+        both = f"{model_hash}+{manifest_hash(resolve_adapter_dir(c.adapter))}"
+        model_hash = hashlib.sha256(both.encode()).hexdigest()
 
     # Tasks: every failure is recorded against the task and the others still run.
     failed, failed_codes, tasks, task_hashes = {}, {}, [], {}
@@ -262,7 +268,8 @@ def _run(c: EvaluateConfig, rt, output: StageOutput) -> EvaluateResult:
             failed[name], failed_codes[name] = str(e), e.exit_code
             console.log(f"glmctl: error: task {name}: {e}")
 
-    stale_config = {"tasks": task_hashes, "limit": c.limit, "dtype": c.dtype, "protocol_version": PROTOCOL_VERSION}
+    stale_config = {"tasks": task_hashes, "limit": c.limit, "dtype": c.dtype, "protocol_version": PROTOCOL_VERSION,
+                    **({"model_with_adapter": model_hash} if c.adapter is not None else {})}
     if c.if_stale and not failed:
         if out is not None:
             if is_up_to_date(out, STAGE, stale_config, [model_dir]):
@@ -283,7 +290,7 @@ def _run(c: EvaluateConfig, rt, output: StageOutput) -> EvaluateResult:
             if not tasks:
                 return EvaluateResult(status=UP_TO_DATE)
 
-    session = open_model(model_dir, dtype=c.dtype, device=rt.device)
+    session = open_model(model_dir, dtype=c.dtype, device=rt.device, adapter=c.adapter)
     model = session.model
     cache = None
     if out is not None:
@@ -313,7 +320,7 @@ def _run(c: EvaluateConfig, rt, output: StageOutput) -> EvaluateResult:
 
     now = _dt.datetime.now(_dt.timezone.utc)
     run_config = {"model": "glmctl", "model_args": str(model_dir), "model_manifest_sha256": model_hash,
-                  "batch_size": c.batch_size, "limit": c.limit, "dtype": c.dtype or "stored",
+                  "batch_size": c.batch_size, "limit": c.limit, "dtype": c.dtype or "stored", "adapter": c.adapter,
                   "device": str(rt.device), "tensor_parallel_size": tp.tp_size(),
                   "quantization": model.config.quantization}
     meta = {"date": now.timestamp(), "date_iso": now.isoformat(), "glmctl_version": __version__,

@@ -55,6 +55,7 @@ class GenerateConfig:
     dtype: str | None = None  # fp32 | bf16 | fp16 (default: as stored)
     device: str | None = None  # cpu | cuda (default: cuda when available)
     tokenizer: str | None = None  # default: the checkpoint's copy
+    adapter: str | None = None  # a LoRA / P-tuning adapter made on this checkpoint (glmctl finetune)
     interactive: bool | None = None  # None: when no prompts are given and stdin is a terminal
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
@@ -210,7 +211,7 @@ def run(c: GenerateConfig, stdin=None, stdout=None) -> GenerateResult:
 
 
 def _open(c: GenerateConfig, rt) -> Filler:
-    s = open_model(c.model, dtype=c.dtype, device=rt.device, tokenizer=c.tokenizer)
+    s = open_model(c.model, dtype=c.dtype, device=rt.device, tokenizer=c.tokenizer, adapter=c.adapter)
     return Filler(s, c.generation)
 
 

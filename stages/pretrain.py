@@ -17,23 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from glmctl import console, runtime
 from glmctl import train_utils as tu
-from glmctl.artifacts import read_manifest
 from glmctl.config import ModelConfig, get_preset
 from glmctl.errors import EXIT_INTERRUPTED, GlmctlError, InputError, UsageError
 from glmctl.objective import ObjectiveConfig
 from glmctl.runtime import Runtime
 from glmctl.stage import StageResult
 from glmctl.tokenizer import Tokenizer
-from glmctl.training import Trainer
+from glmctl.training import Trainer, resume_point, run_loop
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -249,7 +245,7 @@ def run(config: PretrainConfig) -> StageResult:
                          f"{seq_len} tokens; need at least 2 (one is held out)")
     check_data_vocab(data, tok, mcfg.vocab_size, c)
     instructions = load_instructions(c.instruction_data, tok) if c.instruction_data else None
-    resume = _resume_point(c, Path(c.out))
+    resume = resume_point(c, Path(c.out))
     if tok is None:
         console.warn(f"no tokenizer found for {c.data}: using the special-token ids of the model config")
     rt = runtime.start(device=None, tp=c.tensor_parallel, deepspeed=c.deepspeed)
@@ -288,95 +284,5 @@ def _train(c: PretrainConfig, rt: Runtime, tok_dir, mcfg, seq_len: int, data, in
                 f"(TP {rt.tp} x DP {rt.dp}{ds}), "
                 f"{data.n_train} training / {len(data.valid_index)} held-out windows of {seq_len}, "
                 f"{tr.total_steps} steps x {tr.final_batch} sequences, lr {tr.peak_lr:.3g}, {c.precision}")
-    summary = _loop(tr, resolved, t0)
+    summary = run_loop(tr, resolved, t0)
     return summary, tr.save(tu.FINAL, summary, resolved)
-
-
-def _resume_point(c: PretrainConfig, run_dir: Path) -> Path | None:
-    found = tu.complete_checkpoints(run_dir)
-    if c.resume is None:
-        if found:
-            raise UsageError(f"{run_dir} already holds checkpoints ({found[-1][1].name}); continue it with "
-                             f"--resume auto, or choose another --out")
-        return None
-    if c.resume == "auto":
-        if not found:
-            console.log(f"--resume auto: no checkpoint in {run_dir}, starting from scratch")
-            return None
-        return found[-1][1]
-    read_manifest(c.resume)  # exit 3 for an incomplete folder
-    return Path(c.resume)
-
-
-def _loop(tr: Trainer, resolved: dict, t0: float) -> dict:
-    """Steps until the planned number, with logging, evaluation, checkpoints and stop requests."""
-    c, rt = tr.c, tr.rt
-    save_every = c.save_interval or max(1, tr.total_steps // 10)
-    eval_every = c.eval_interval or save_every
-    metrics = tr.run_dir / "metrics.jsonl"
-    tr.t_start = time.monotonic()
-    window = {"loss": [], "time": 0.0, "tokens": 0, "scored": 0}
-    last = {}
-    train_time, train_tokens = 0.0, 0
-
-    def record(r: dict):
-        if rt.rank == 0:
-            with open(metrics, "a") as f:
-                f.write(json.dumps(r) + "\n")
-
-    def summary(eval_loss: float) -> dict:
-        return {"step": tr.step, "samples": tr.consumed, "tokens": tr.consumed * tr.seq_len,
-                "train_loss": last.get("loss"), "eval_loss": eval_loss, "eval_ppl": math.exp(min(50.0, eval_loss)),
-                "unigram_ppl": math.exp(tr.unigram_loss), "skipped_steps": tr.skipped,
-                "tokens_per_s": round(train_tokens / train_time, 1) if train_time else None,
-                "wall_s": round(tr.elapsed(), 1), "parameters": tr.glm.config.num_parameters()}
-
-    with tu.StopSignals() as sig, console.progress(tr.total_steps - tr.step, "pretrain", "step") as bar:
-        while tr.step < tr.total_steps:
-            ts = time.monotonic()
-            m = tr.train_step()
-            dt = time.monotonic() - ts
-            train_time += dt
-            train_tokens += m["batch_size"] * tr.seq_len
-            window["time"] += dt
-            window["tokens"] += m["batch_size"] * tr.seq_len
-            window["scored"] += m["scored_tokens"]
-            if math.isfinite(m["loss"]):
-                window["loss"].append(m["loss"])
-            if tr.step % c.log_interval == 0 or tr.step == tr.total_steps:
-                loss = sum(window["loss"]) / len(window["loss"]) if window["loss"] else float("nan")
-                last = {"step": tr.step, "samples": tr.consumed, "tokens": tr.consumed * tr.seq_len, "loss": loss,
-                        "lr": m["lr"], "grad_norm": m["grad_norm"], "loss_scale": m["loss_scale"],
-                        "skipped_steps": tr.skipped, "batch_size": m["batch_size"], "scored_tokens": window["scored"],
-                        "tokens_per_s": round(window["tokens"] / window["time"], 1),
-                        "elapsed_s": round(tr.elapsed(), 2)}
-                record(last)
-                window = {"loss": [], "time": 0.0, "tokens": 0, "scored": 0}
-            bar.update(1, loss=m["loss"], lr=m["lr"], gnorm=m["grad_norm"], scale=m["loss_scale"],
-                       tok_s=round(m["batch_size"] * tr.seq_len / dt))
-            done = tr.step == tr.total_steps
-            if tr.step % eval_every == 0 and not done:
-                ev = tr.evaluate()
-                record({"step": tr.step, "eval_loss": ev, "eval_ppl": math.exp(min(50.0, ev)),
-                        "unigram_ppl": math.exp(tr.unigram_loss)})
-            saved = tr.step % save_every == 0 and not done
-            if saved:
-                tr.save(tu.step_name(tr.step), summary(float("nan")), resolved)
-            # stop requests: a signal on any rank, or the wall-clock budget (all ranks agree)
-            flag = 2 if c.max_wall_time is not None and time.monotonic() - t0 >= c.max_wall_time else 0
-            flag = max(flag, 1 if sig.received else 0)
-            flag = int(rt.all_reduce(torch.tensor([flag]), op="max")[0])
-            if flag and not done:
-                why = "--max-wall-time reached" if flag == 2 else f"{sig.received or 'signal'} received"
-                path = tr.run_dir / tu.step_name(tr.step)
-                if not saved:
-                    path = tr.save(tu.step_name(tr.step), summary(float("nan")), resolved)
-                raise GlmctlError(f"{why}: checkpoint saved at {path}; continue with --resume auto",
-                                  EXIT_INTERRUPTED)
-    ev = tr.evaluate()
-    out = summary(ev)
-    record({"step": tr.step, "eval_loss": ev, "eval_ppl": out["eval_ppl"], "unigram_ppl": out["unigram_ppl"],
-            "final": True})
-    console.log(f"pretrain: step {tr.step}, held-out ppl {out['eval_ppl']:.2f} vs unigram {out['unigram_ppl']:.2f}, "
-                f"{out['skipped_steps']} skipped steps, {out['tokens_per_s']} tokens/s")
-    return out

@@ -10,9 +10,11 @@ from conftest import REPO, run_glmctl
 
 def readme_commands():
     text = (REPO / "README.md").read_text()
-    blocks = re.findall(r"```(?:bash|cron)?\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S)  # every block, so fences stay paired
     cmds = []
-    for block in blocks:
+    for lang, block in blocks:
+        if lang not in ("", "bash", "cron"):
+            continue
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
             line = line.split("#")[0] if not line.lstrip().startswith("0 3") else line

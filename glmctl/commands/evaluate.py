@@ -63,6 +63,8 @@ def evaluate_cmd(
                                    "depend on it."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: as stored)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="LoRA / P-tuning adapter from `glmctl "
+                                           "finetune` (made on MODEL)."),
     json_out: bool = typer.Option(False, "--json", help="Print results.json as one JSON document."),
     lock: Optional[str] = typer.Option(None, "--lock", metavar="[=PATH]",
                                        help="Advisory lock against overlapping runs (default path: "
@@ -89,6 +91,7 @@ def evaluate_cmd(
     res = run(C(model=str(model), tasks=tuple(tasks), out=str(out) if out else None,
                              data_path=str(data_path) if data_path else None, limit=limit, batch_size=batch_size,
                              dtype=dtype, device=device, lock=lock, lock_timeout=timeout,
+                             adapter=str(adapter) if adapter else None,
                              history=str(history) if history else None, if_stale=if_stale,
                              fail_below=tuple(fail_below), fail_above=tuple(fail_above)))
     if not is_main_process():

@@ -67,6 +67,8 @@ def generate_cmd(
                                                         "and its blanks (text, token count, character offsets)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: as stored)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    adapter: Optional[Path] = typer.Option(C.adapter, "--adapter",
+                                           help="LoRA / P-tuning adapter from `glmctl finetune` (made on MODEL)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
                                              help="Tokenizer directory (default: the checkpoint's copy)."),
 ):
@@ -78,5 +80,6 @@ def generate_cmd(
         model=str(model), prompts=tuple(prompts or ()), input=input, input_format=input_format,
         output=None if output is None else str(output), format=format, json=json_out, stream=stream,
         batch_size=batch_size, dtype=dtype, device=device, tokenizer=None if tokenizer is None else str(tokenizer),
+        adapter=None if adapter is None else str(adapter),
         generation=gen)
     run(cfg)

@@ -36,6 +36,8 @@ def serve_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
                                              help="Tokenizer directory (default: the checkpoint's copy)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter",
+                                           help="LoRA / P-tuning adapter from `glmctl finetune` (made on MODEL)."),
     max_batch_size: int = typer.Option(C.max_batch_size, "--max-batch-size",
                                        help="Requests decoded together; the others wait in the queue."),
     max_queue: int = typer.Option(C.max_queue, "--max-queue",
@@ -54,7 +56,8 @@ def serve_cmd(
 ):
     """Serve a model over HTTP: OpenAI-compatible completions, blank infilling, a web page."""
     cfg = C(model=str(model), host=host, port=port, model_name=model_name, dtype=dtype, device=device,
-            tokenizer=None if tokenizer is None else str(tokenizer), max_batch_size=max_batch_size,
+            tokenizer=None if tokenizer is None else str(tokenizer),
+            adapter=None if adapter is None else str(adapter), max_batch_size=max_batch_size,
             max_queue=max_queue, max_new_tokens_limit=max_new_tokens_limit, request_timeout=request_timeout,
             drain_timeout=drain_timeout, api_key=api_key,
             api_key_file=None if api_key_file is None else str(api_key_file), log_requests=log_requests)
