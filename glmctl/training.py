@@ -36,7 +36,55 @@ from glmctl.model import parallel as tp
 from glmctl.runtime import Runtime
 
 STATE_FORMAT = "glmctl-pretrain-state"
+PRECISIONS = ("fp32", "bf16", "fp16")
 EVAL_SEED_OFFSET = 7919  # held-out samples use their own generator stream, fixed for the whole run
+
+
+def engine_problems(c, world: int, positive: tuple[str, ...]) -> list[str]:
+    """Option problems shared by every stage that trains on this engine (pretrain, finetune):
+    ``c`` has their common fields (precision, lr, batch sizes, parallelism, resume, DeepSpeed);
+    ``positive`` names the integer options that must be at least 1."""
+    p = []
+    for name in positive:
+        v = getattr(c, name)
+        if v is not None and v < 1:
+            p.append(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if c.precision not in PRECISIONS:
+        p.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
+    if c.zero_stage not in (0, 1, 2, 3):
+        p.append(f"--zero-stage must be 0, 1, 2 or 3, got {c.zero_stage}")
+    if c.lr is not None and c.lr <= 0 or c.min_lr is not None and c.min_lr < 0:
+        p.append("--lr must be positive and --min-lr non-negative")
+    if c.lr is not None and c.min_lr is not None and c.min_lr > c.lr:
+        p.append(f"--min-lr {c.min_lr} is above --lr {c.lr}")
+    if c.warmup < 0 or c.weight_decay < 0 or c.grad_clip <= 0:
+        p.append("--warmup and --weight-decay must be non-negative and --grad-clip positive")
+    if not 0 <= c.dropout < 1:
+        p.append(f"--dropout must be within [0, 1), got {c.dropout}")
+    if c.tensor_parallel >= 1 and world % c.tensor_parallel:
+        p.append(f"world size {world} is not divisible by --tensor-parallel {c.tensor_parallel}")
+    dp = max(1, world // max(1, c.tensor_parallel))
+    unit = c.micro_batch_size * dp
+    if c.global_batch_size is not None and unit >= 1 and c.global_batch_size % unit:
+        p.append(f"--global-batch-size {c.global_batch_size} is not divisible by --micro-batch-size "
+                 f"{c.micro_batch_size} x {dp} data-parallel processes")
+    if c.batch_size_rampup is not None:
+        try:
+            r = tu.Rampup.parse(c.batch_size_rampup)
+            final = c.global_batch_size or unit
+            if r.start % unit or r.increment % unit or r.start < 1 or r.increment < 1 or r.samples < 1:
+                p.append(f"--batch-size-rampup: start and increment must be positive multiples of "
+                         f"micro batch x data-parallel size = {unit}")
+            elif final > r.start and (final - r.start) % r.increment:
+                p.append(f"--batch-size-rampup: global batch {final} - start {r.start} is not a multiple "
+                         f"of the increment {r.increment}")
+        except ValueError as e:
+            p.append(f"--batch-size-rampup: {e}")
+    if c.resume not in (None, "auto") and not Path(c.resume).is_dir():
+        p.append(f"--resume: {c.resume} is not a checkpoint folder (use 'auto' or a step-N folder)")
+    if c.deepspeed_config is not None and not Path(c.deepspeed_config).is_file():
+        p.append(f"--deepspeed-config: {c.deepspeed_config}: no such file")
+    return p
 
 
 # ---- the network with its loss ----------------------------------------------------------------
@@ -389,6 +437,19 @@ class Trainer:
             tu.write_loss_plot(tu.read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png",
                                title=f"glmctl {self.stage} {self.run_dir.name}", unigram_loss=self.unigram_loss)
         return path
+
+    def begin(self, resume: Path | None, options: dict, **extra) -> dict:
+        """Resume from ``resume`` (None: a fresh run), cut metrics.jsonl back to this step, and
+        return the resolved options every checkpoint of the run records."""
+        if resume is not None:
+            self.load(resume)
+            console.log(f"resumed from {resume} at step {self.step} ({self.consumed} samples)")
+        if self.rt.rank == 0:
+            tu.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        return {**{k: v for k, v in options.items() if k not in ("out", "resume")},
+                "seq_len": self.seq_len, "lr": self.peak_lr, "min_lr": self.min_lr,
+                "global_batch_size": self.final_batch, "steps": self.total_steps,
+                "warmup_samples": self.lr_kw["warmup_samples"], "world_size": self.rt.world, **extra}
 
     def load(self, path: Path) -> None:
         f = path / "trainer" / "state.pt"

@@ -33,10 +33,9 @@ from glmctl.checkpoint import model_from_state_dict, save_model
 from glmctl.errors import EXIT_INTERRUPTED, GlmctlError, InputError, UsageError
 from glmctl.session import open_model
 from glmctl.stage import StageResult
-from glmctl.training import ModelWeights, Trainer, resume_point, run_loop
+from glmctl.training import ModelWeights, Trainer, engine_problems, resume_point, run_loop
 
 METHODS = ("lora", "ptuning", "full")
-PRECISIONS = ("fp32", "bf16", "fp16")
 MERGE_PRECISIONS = ("full", "quantized")
 DEFAULT_LR = {"lora": 2e-3, "ptuning": 1e-2, "full": 5e-4}
 
@@ -99,8 +98,6 @@ class FinetuneConfig:
         world = runtime.launcher_env()[0]
         if c.method not in METHODS:
             p.append(f"--method must be one of {', '.join(METHODS)}, got {c.method!r}")
-        if c.precision not in PRECISIONS:
-            p.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
         if c.adapter_dtype not in adapters.ADAPTER_DTYPES:
             p.append(f"--adapter-dtype must be fp32 or bf16, got {c.adapter_dtype!r}")
         if c.merge_precision not in MERGE_PRECISIONS:
@@ -109,32 +106,18 @@ class FinetuneConfig:
             p.append("give --epochs or --steps, not both")
         if c.epochs is not None and not c.epochs > 0:
             p.append(f"--epochs must be positive, got {c.epochs}")
-        for name in ("steps", "micro_batch_size", "global_batch_size", "seq_len", "save_interval", "eval_interval",
-                     "log_interval", "keep", "tensor_parallel", "eval_samples", "lora_rank", "prefix_length",
-                     "prefix_projection"):
-            v = getattr(c, name)
-            if v is not None and v < 1:
-                p.append(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+        p += engine_problems(c, world, ("steps", "micro_batch_size", "global_batch_size", "seq_len", "save_interval",
+                                        "eval_interval", "log_interval", "keep", "tensor_parallel", "eval_samples",
+                                        "lora_rank", "prefix_length", "prefix_projection"))
         bad = [t for t in c.lora_targets if t not in adapters.LORA_TARGETS]
         if bad or not c.lora_targets:
             p.append(f"--lora-targets: choose from {', '.join(adapters.LORA_TARGETS)}, got {', '.join(bad) or 'none'}")
-        if c.lr is not None and c.lr <= 0 or c.min_lr is not None and c.min_lr < 0:
-            p.append("--lr must be positive and --min-lr non-negative")
-        for name in ("dropout", "lora_dropout"):
-            if not 0 <= getattr(c, name) < 1:
-                p.append(f"--{name.replace('_', '-')} must be within [0, 1), got {getattr(c, name)}")
+        if not 0 <= c.lora_dropout < 1:
+            p.append(f"--lora-dropout must be within [0, 1), got {c.lora_dropout}")
         if c.method != "full" and (c.tensor_parallel > 1 or c.deepspeed):
             p.append("--tensor-parallel and DeepSpeed are for --method full; adapters train with data parallelism")
         if c.merge and c.method != "lora":
             p.append("--merge folds a LoRA update into the weights; it needs --method lora")
-        if c.tensor_parallel >= 1 and world % c.tensor_parallel:
-            p.append(f"world size {world} is not divisible by --tensor-parallel {c.tensor_parallel}")
-        dp = max(1, world // max(1, c.tensor_parallel))
-        if c.global_batch_size is not None and c.global_batch_size % (c.micro_batch_size * dp):
-            p.append(f"--global-batch-size {c.global_batch_size} is not divisible by --micro-batch-size "
-                     f"{c.micro_batch_size} x {dp} data-parallel processes")
-        if c.resume not in (None, "auto") and not Path(c.resume).is_dir():
-            p.append(f"--resume: {c.resume} is not a checkpoint folder (use 'auto' or a step-N folder)")
         if p:
             raise UsageError("; ".join(p))
 
@@ -246,15 +229,7 @@ def _finetune(c: FinetuneConfig, rt, builtin: bool, resume) -> StageResult:
     weights = AdapterWeights(spec, c.base) if spec is not None else ModelWeights()
     tr = Trainer.for_model(cc, rt, glm, seq_len, source, c.base, run_dir, inputs, stage="finetune", steps=steps,
                            weights=weights)
-    if resume is not None:
-        tr.load(resume)
-        console.log(f"resumed from {resume} at step {tr.step} ({tr.consumed} samples)")
-    if rt.rank == 0:
-        tu.truncate_metrics(run_dir / "metrics.jsonl", tr.step)
-    resolved = {**{k: v for k, v in dataclasses.asdict(cc).items() if k not in ("out", "resume")},
-                "seq_len": seq_len, "global_batch_size": tr.final_batch, "steps": tr.total_steps,
-                "min_lr": tr.min_lr, "warmup_samples": tr.lr_kw["warmup_samples"], "world_size": rt.world,
-                "base_manifest_sha256": manifest_hash(c.base)}
+    resolved = tr.begin(resume, dataclasses.asdict(cc), base_manifest_sha256=manifest_hash(c.base))
     console.log(f"finetune ({c.method}): {s.describe()}, {tr.trainable_parameters():,} of "
                 f"{sum(p.numel() for p in glm.parameters()):,} parameters train; {len(train_items)} examples "
                 f"({train.n_skipped} skipped) in {len(source.train)} sequences of {seq_len}, {len(valid_items)} "

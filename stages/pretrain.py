@@ -29,9 +29,8 @@ from glmctl.objective import ObjectiveConfig
 from glmctl.runtime import Runtime
 from glmctl.stage import StageResult
 from glmctl.tokenizer import Tokenizer
-from glmctl.training import Trainer, resume_point, run_loop
+from glmctl.training import Trainer, engine_problems, resume_point, run_loop
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -89,56 +88,17 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Every problem with the options at once, as one UsageError (before any file is read)."""
-        c, p = self, []
-        world = runtime.launcher_env()[0]
-        if c.steps is not None and c.tokens is not None:
-            p.append("give --steps or --tokens, not both")
-        for name in ("steps", "tokens", "micro_batch_size", "global_batch_size", "seq_len", "save_interval",
-                     "eval_interval", "log_interval", "keep", "tensor_parallel", "eval_samples"):
-            v = getattr(c, name)
-            if v is not None and v < 1:
-                p.append(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-        if c.precision not in PRECISIONS:
-            p.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
-        if c.zero_stage not in (0, 1, 2, 3):
-            p.append(f"--zero-stage must be 0, 1, 2 or 3, got {c.zero_stage}")
-        if c.lr is not None and c.lr <= 0 or c.min_lr is not None and c.min_lr < 0:
-            p.append("--lr must be positive and --min-lr non-negative")
-        if c.lr is not None and c.min_lr is not None and c.min_lr > c.lr:
-            p.append(f"--min-lr {c.min_lr} is above --lr {c.lr}")
-        if c.warmup < 0 or c.weight_decay < 0 or c.grad_clip <= 0:
-            p.append("--warmup and --weight-decay must be non-negative and --grad-clip positive")
-        if not 0 <= c.dropout < 1:
-            p.append(f"--dropout must be within [0, 1), got {c.dropout}")
+        c = self
+        p = ["give --steps or --tokens, not both"] if c.steps is not None and c.tokens is not None else []
+        p += engine_problems(c, runtime.launcher_env()[0],
+                             ("steps", "tokens", "micro_batch_size", "global_batch_size", "seq_len", "save_interval",
+                              "eval_interval", "log_interval", "keep", "tensor_parallel", "eval_samples"))
         if c.embedding_init_std is not None and not c.embedding_init_std > 0:
             p.append(f"--embedding-init-std must be positive, got {c.embedding_init_std}")
         if not 0 < c.embedding_grad_shrink <= 1:
             p.append(f"--embedding-grad-shrink must be within (0, 1], got {c.embedding_grad_shrink}")
         if not 0 < c.valid_fraction < 0.5:
             p.append(f"--valid-fraction must be within (0, 0.5), got {c.valid_fraction}")
-        if c.tensor_parallel >= 1 and world % c.tensor_parallel:
-            p.append(f"world size {world} is not divisible by --tensor-parallel {c.tensor_parallel}")
-        dp = max(1, world // max(1, c.tensor_parallel))
-        unit = c.micro_batch_size * dp
-        if c.global_batch_size is not None and unit >= 1 and c.global_batch_size % unit:
-            p.append(f"--global-batch-size {c.global_batch_size} is not divisible by --micro-batch-size "
-                     f"{c.micro_batch_size} x {dp} data-parallel processes")
-        if c.batch_size_rampup is not None:
-            try:
-                r = tu.Rampup.parse(c.batch_size_rampup)
-                final = c.global_batch_size or unit
-                if r.start % unit or r.increment % unit or r.start < 1 or r.increment < 1 or r.samples < 1:
-                    p.append(f"--batch-size-rampup: start and increment must be positive multiples of "
-                             f"micro batch x data-parallel size = {unit}")
-                elif final > r.start and (final - r.start) % r.increment:
-                    p.append(f"--batch-size-rampup: global batch {final} - start {r.start} is not a multiple "
-                             f"of the increment {r.increment}")
-            except ValueError as e:
-                p.append(f"--batch-size-rampup: {e}")
-        if c.resume not in (None, "auto") and not Path(c.resume).is_dir():
-            p.append(f"--resume: {c.resume} is not a checkpoint folder (use 'auto' or a step-N folder)")
-        if c.deepspeed_config is not None and not Path(c.deepspeed_config).is_file():
-            p.append(f"--deepspeed-config: {c.deepspeed_config}: no such file")
         p += ObjectiveConfig(seq_len=c.seq_len or 512, mask_ratio=c.mask_ratio, mask_prob=c.mask_prob,
                              span_lambda=c.span_lambda, gmask_min_ratio=c.gmask_min_ratio,
                              samples_per_sequence=c.samples_per_sequence, mip_ratio=c.mip_ratio).problems()
@@ -271,14 +231,7 @@ def _train(c: PretrainConfig, rt: Runtime, tok_dir, mcfg, seq_len: int, data, in
     inputs = [p for p in (c.data, tok_dir, c.valid_data, c.instruction_data, c.init_from) if p]
     # build the model and optimizer; resume
     tr = Trainer(c, rt, mcfg, seq_len, data, tok_dir, instructions, run_dir, inputs)
-    if resume is not None:
-        tr.load(resume)
-        console.log(f"resumed from {resume} at step {tr.step} ({tr.consumed} samples)")
-    if rt.rank == 0:
-        tu.truncate_metrics(run_dir / "metrics.jsonl", tr.step)
-    resolved = {**{k: v for k, v in dataclasses.asdict(c).items() if k not in ("out", "resume")},
-                "seq_len": seq_len, "lr": tr.peak_lr, "min_lr": tr.min_lr, "global_batch_size": tr.final_batch,
-                "steps": tr.total_steps, "warmup_samples": tr.lr_kw["warmup_samples"], "world_size": rt.world}
+    resolved = tr.begin(resume, dataclasses.asdict(c))
     ds = f", DeepSpeed ZeRO-{tr.engine.zero_optimization_stage()}" if tr.engine else ""
     console.log(f"pretrain: {mcfg.num_parameters() / 1e6:.1f}M parameters, {rt.world} process(es) "
                 f"(TP {rt.tp} x DP {rt.dp}{ds}), "
