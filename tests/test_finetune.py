@@ -9,12 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import free_port, run_glmctl
+from test_serve import start  # the live-server helper of the serve tests
 from glmctl import adapters, finetune_tasks
 from glmctl import finetune_data as fd
 from glmctl import objective as obj
@@ -384,3 +386,26 @@ def test_resume_after_kill9_is_bit_identical(base, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in tu.read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 25))
+
+
+def test_serve_applies_the_adapter_as_generate_does(base, tmp_path):
+    """`glmctl serve --adapter` fills blanks exactly as `glmctl generate --adapter`, and the
+    adapter (a random LoRA update, so that it visibly matters) changes the text."""
+    model = load_model(base / "model")
+    spec = adapters.AdapterSpec("lora", lora=adapters.LoraSpec(rank=4, alpha=64))
+    adapters.attach(model, spec)
+    randomize_lora(model, seed=3)
+    ad = adapters.save_adapter(model, spec, base / "model", tmp_path / "ad", stage="finetune", config={})
+    prompts = ["写出 4 2 7：[MASK]", "写出 1 5：[MASK] 。"]
+    args = ["-n", "6", "--json", "--no-stream"]
+    plain = json.loads(run_glmctl("generate", base / "model", *prompts, *args, env=ENV).stdout)["results"]
+    r = run_glmctl("generate", base / "model", *prompts, *args, "--adapter", ad, env=ENV)
+    assert r.returncode == 0, r.stderr
+    want = json.loads(r.stdout)["results"]
+    assert [w["text"] for w in want] != [p["text"] for p in plain]
+    s = start(base / "model", "--adapter", ad, tmp=tmp_path)
+    try:
+        got = httpx.post(s.url + "/v1/fill", json={"prompt": prompts, "max_tokens": 6}, timeout=60).json()["results"]
+    finally:
+        s.stop()
+    assert [(g["text"], g["blanks"]) for g in got] == [(w["text"], w["blanks"]) for w in want]
