@@ -59,14 +59,16 @@ def shard_filename(rank: int, tp: int, part: int = 0, parts: int = 1) -> str:
     return base + ".safetensors"
 
 
-def _split_by_size(sd: dict, max_bytes: int) -> list[dict]:
-    parts, cur, size = [], {}, 0
-    for k, v in sd.items():
-        nb = v.numel() * v.element_size()
+def split_by_size(items: list, max_bytes: int, nbytes) -> list[list]:
+    """``items`` cut, in order, into runs of at most ``max_bytes`` (``nbytes(item)`` each); an item
+    larger than that gets a run of its own. How every writer splits a rank into shard files."""
+    parts, cur, size = [], [], 0
+    for item in items:
+        nb = nbytes(item)
         if cur and size + nb > max_bytes:
             parts.append(cur)
-            cur, size = {}, 0
-        cur[k] = v
+            cur, size = [], 0
+        cur.append(item)
         size += nb
     parts.append(cur)
     return parts
@@ -76,7 +78,8 @@ def write_rank_files(directory: Path, sd: dict, rank: int, tp: int,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, str]:
     """Write one rank's state dict; returns {tensor name: file name}."""
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    parts = _split_by_size(sd, max_shard_bytes)
+    parts = [dict(p) for p in split_by_size(list(sd.items()), max_shard_bytes,
+                                            lambda kv: kv[1].numel() * kv[1].element_size())]
     weight_map = {}
     for i, part in enumerate(parts):
         fname = shard_filename(rank, tp, i, len(parts))

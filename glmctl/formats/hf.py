@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 
 from glmctl.artifacts import atomic_write_json, atomic_write_text, read_manifest
+from glmctl.checkpoint import split_by_size
 from glmctl.config import ModelConfig
 from glmctl.console import warn
 from glmctl.errors import InputError, UsageError
@@ -173,15 +174,7 @@ class _ShardedWriter:
     """HF-style shards: entries [(name, shape, dtype)] split at ``max_bytes`` in order."""
 
     def __init__(self, directory: Path, entries: list[tuple], max_bytes: int):
-        parts, cur, size = [], [], 0
-        for e in entries:
-            nb = math.prod(e[1]) * element_size(e[2])
-            if cur and size + nb > max_bytes:
-                parts.append(cur)
-                cur, size = [], 0
-            cur.append(e)
-            size += nb
-        parts.append(cur)
+        parts = split_by_size(entries, max_bytes, lambda e: math.prod(e[1]) * element_size(e[2]))
         n = len(parts)
         self.dir, self.total = directory, sum(math.prod(e[1]) * element_size(e[2]) for e in entries)
         self.layout = [("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors", p)

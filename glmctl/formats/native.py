@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from glmctl.artifacts import atomic_write_json, read_manifest
-from glmctl.checkpoint import INDEX, TOKENIZER_FILES, open_safetensors, rank_files, shard_filename
+from glmctl.checkpoint import INDEX, TOKENIZER_FILES, open_safetensors, rank_files, shard_filename, split_by_size
 from glmctl.config import ModelConfig
 from glmctl.errors import InputError
 from glmctl.formats.safetensors_stream import SafetensorsFile, dtype_from_code
@@ -79,15 +79,7 @@ class NativeSink:
         tp = cfg.tensor_parallel_size
         self.maps, self.layout = {}, []
         for r, rank_entries in enumerate(entries):
-            parts, cur, size = [], [], 0
-            for e in rank_entries:
-                nb = math.prod(e[1]) * element_size(e[2])
-                if cur and size + nb > max_shard_bytes:
-                    parts.append(cur)
-                    cur, size = [], 0
-                cur.append(e)
-                size += nb
-            parts.append(cur)
+            parts = split_by_size(rank_entries, max_shard_bytes, lambda e: math.prod(e[1]) * element_size(e[2]))
             self.layout.append([(shard_filename(r, tp, i, len(parts)), p) for i, p in enumerate(parts)])
             self.maps[r] = {e[0]: fn for fn, p in self.layout[-1] for e in p}
         self.active: list[SafetensorsFile | None] = [None] * tp
