@@ -428,7 +428,6 @@ class GLM(nn.Module):
 
     def forward(self, tokens, position_ids, attention_mask, kv_cache: KVCache | None = None,
                 parallel_output: bool = False, return_hidden: bool = False):
-        cfg = self.config
         h = self.transformer.word_embeddings(tokens)
         if isinstance(self.transformer.word_embeddings, QuantizedVocabEmbedding):
             h = h.to(self.transformer.final_layernorm.weight.dtype)
