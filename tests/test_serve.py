@@ -45,7 +45,7 @@ def models(tmp_path_factory):
 
 
 class Server:
-    def __init__(self, cmd: list[str], port: int, env=None, stderr_path=None):
+    def __init__(self, cmd: list[str], port: int, env=None, stderr_path=None, ready=True):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
@@ -54,8 +54,8 @@ class Server:
         deadline = time.monotonic() + 90
         while True:
             assert self.proc.poll() is None, f"server exited {self.proc.returncode}: {self.stderr()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+            try:  # ready=False: wait until it answers at all (a loading server answers 503)
+                if httpx.get(self.url + "/health", timeout=2).status_code in ((200,) if ready else (200, 503)):
                     break
             except httpx.TransportError:
                 pass
@@ -98,10 +98,10 @@ class Server:
             self.err.close()
 
 
-def start(model: Path, *args, tmp: Path, env=None, launcher=None) -> Server:
+def start(model: Path, *args, tmp: Path, env=None, launcher=None, ready=True) -> Server:
     port = free_port()
     cmd = (launcher or [str(GLMCTL)]) + ["serve", str(model), "--port", str(port), "--model-name", "tiny"]
-    return Server(cmd + [str(a) for a in args], port, env, tmp / f"serve-{port}.log")
+    return Server(cmd + [str(a) for a in args], port, env, tmp / f"serve-{port}.log", ready)
 
 
 @pytest.fixture(scope="module")
@@ -343,23 +343,51 @@ def test_api_key_and_request_timeout(models, tmp_path):
         assert s.stop() == 0
 
 
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_0(models):
     s = start(models / "long", "--max-new-tokens-limit", "4000", tmp=models)
-    body = {**LONG, "max_tokens": 300, "min_tokens": 300, "stream_options": {"include_usage": True}}
+    body = {**LONG, "max_tokens": 1500, "min_tokens": 1500, "stream_options": {"include_usage": True}}
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", s.url + "/v1/completions", json=body) as r:
             it = r.iter_text()
             first = next(it)
             s.proc.send_signal(signal.SIGTERM)  # mid-stream
+            # while it drains, the server takes no new connection
+            _wait_for(lambda: _refused(s.url + "/health"), "the listening socket to close", timeout=10)
             text = first + "".join(it)
     events = [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")]
     assert text.rstrip().endswith("data: [DONE]")
-    assert events[-1]["usage"]["completion_tokens"] == 300  # the request ran to its end
+    assert events[-1]["usage"]["completion_tokens"] == 1500  # the request ran to its end
     assert s.stop() == 0
     assert "serve: stopped" in s.stderr()
     with pytest.raises(httpx.TransportError):
         httpx.get(s.url + "/health")
+
+
+def test_health_is_503_until_the_model_is_loaded(models, tmp_path):
+    gate = tmp_path / "gate"
+    script = Path(__file__).parent / "scripts" / "gated_serve_load.py"
+    s = start(models / "tiny", tmp=models, launcher=[sys.executable, str(script), str(gate)], ready=False)
+    try:
+        h = httpx.get(s.url + "/health")
+        assert h.status_code == 503 and h.json()["status"] == "loading"
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "The quick", "max_tokens": 2})
+        assert _error(r, 503)["code"] == "not_ready" and r.headers["retry-after"] == "1"
+        assert httpx.get(s.url + "/").status_code == 200  # the page loads and polls /health
+        gate.touch()
+        _wait_for(lambda: httpx.get(s.url + "/health").status_code == 200, "the model to load")
+        r = s.client().completions.create(model="tiny", prompt="The quick", max_tokens=2)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        assert s.stop() == 0
 
 
 def test_missing_checkpoint_is_one_line_exit_3(tmp_path):
