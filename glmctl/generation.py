@@ -593,7 +593,7 @@ class DecodeBatch:
         step_tok = torch.tensor(new_tokens, dtype=torch.long, device=self.device)[:, None]
         step_pos = torch.tensor([self.entries[k][0].next_position(self.entries[k][1].step_index) for k in new_rows],
                                 dtype=torch.long, device=self.device)[:, None]
-        hidden = self.model(step_tok, step_pos, step_mask, kv_cache=c, return_hidden=True)[:, -1]
+        hidden = self.model.decode_step(step_tok, step_pos, step_mask, c, return_hidden=True)[:, -1]
         self.logits = self.model.logits(hidden).float()
         return finished
 

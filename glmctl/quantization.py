@@ -43,6 +43,7 @@ from glmctl.data import TokenDataset
 from glmctl.errors import InputError, UsageError
 from glmctl.gptq import LINEAR_NAMES, gptq_layer
 from glmctl.kernels import quantize_rtn
+from glmctl.model.glm import EMBEDDING_KEY, quantize_embedding_rows
 from glmctl.model.masks import lm_window
 
 METHODS = ("rtn", "gptq")
@@ -55,17 +56,43 @@ class Variant:
     bits: int
     method: str
     group_size: int | None
+    embedding: tuple[int, int | None] | None = None  # (bits, group size) of the tied embedding; None: kept fp
 
     @property
     def name(self) -> str:
-        return f"int{self.bits} {self.method} {'g' + str(self.group_size) if self.group_size else 'per-row'}"
+        name = f"int{self.bits} {self.method} {'g' + str(self.group_size) if self.group_size else 'per-row'}"
+        return name + (f" + {embedding_name(self.embedding)}" if self.embedding else "")
 
     def block(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "method": self.method}
+        """The config's quantization block (``embedding`` only when the embedding is quantized)."""
+        b = {"bits": self.bits, "group_size": self.group_size, "method": self.method}
+        if self.embedding:
+            b["embedding"] = {"bits": self.embedding[0], "group_size": self.embedding[1]}
+        return b
 
 
-def parse_variant(spec: str, default_bits: int) -> Variant:
-    """'rtn', 'gptq:g128', 'int8', 'int4:rtn:g64', '8:rtn', 'rtn:row' -> Variant."""
+def embedding_name(spec: tuple[int, int | None] | None) -> str:
+    if not spec:
+        return "embedding fp"
+    return f"embedding int{spec[0]} {'g' + str(spec[1]) if spec[1] else 'per-row'}"
+
+
+def embedding_spec(bits: int | None, group_size: int | None, hidden_size: int) -> tuple[int, int | None] | None:
+    """(bits, group) of the tied embedding: None (full precision, GLM-130B's) without ``bits``;
+    ``group_size`` None picks one per row for INT8 and the largest group <= 128 dividing the
+    hidden size for INT4 (128 for every preset but the tiny ones); 0 asks for one per row."""
+    if bits is None:
+        return None
+    if group_size is None:
+        group_size = max(g for g in range(1, 129) if hidden_size % g == 0) if bits == 4 else 0
+    return bits, (group_size or None)
+
+
+def parse_variant(spec: str, default_bits: int, embedding: tuple[int, int | None] | None = None,
+                  hidden_size: int = 0) -> Variant:
+    """'rtn', 'gptq:g128', 'int8', 'int4:rtn:g64', '8:rtn', 'rtn:row' -> Variant; the embedding
+    is ``embedding`` (the written variant's) unless a token says otherwise: 'embfp' (full
+    precision), 'emb8', 'emb4' (default groups, ``embedding_spec``), 'emb4g64', 'emb8g0' (per row)."""
     bits, method, group = default_bits, "rtn", None
     for tok in [t for t in spec.strip().lower().split(":") if t]:
         if tok in METHODS:
@@ -76,12 +103,23 @@ def parse_variant(spec: str, default_bits: int) -> Variant:
             group = None
         elif tok.startswith("g") and tok[1:].isdigit() and int(tok[1:]) > 0:
             group = int(tok[1:])
+        elif tok in ("embfp", "emb-fp"):
+            embedding = None
+        elif tok[:3] == "emb" and tok[3:4] in ("4", "8") and (tok[4:] == "" or (tok[4] == "g" and tok[5:].isdigit())):
+            embedding = embedding_spec(int(tok[3]), int(tok[5:]) if tok[4:] else None, hidden_size)
         else:
-            raise UsageError(f"--compare {spec!r}: cannot read {tok!r} (use e.g. rtn, gptq:g128, int8:rtn, rtn:row)")
-    return Variant(bits, method, group)
+            raise UsageError(f"--compare {spec!r}: cannot read {tok!r} (use e.g. rtn, gptq:g128, int8:rtn, rtn:row, "
+                             "emb8, emb4g128, embfp)")
+    return Variant(bits, method, group, embedding)
 
 
 def check_variant(v: Variant, cfg, where: str) -> None:
+    if v.embedding:
+        eb, eg = v.embedding
+        if eb not in (4, 8):
+            raise UsageError(f"{where}: unsupported embedding bit width {eb}; choose 4 or 8")
+        if eg is not None and (eg <= 0 or cfg.hidden_size % eg):
+            raise UsageError(f"{where}: embedding group size {eg} does not divide the hidden size {cfg.hidden_size}")
     if v.bits not in (4, 8):
         raise UsageError(f"{where}: unsupported bit width {v.bits}; choose 4 or 8")
     if v.method not in METHODS:
@@ -266,10 +304,13 @@ def layer_tensors(get, cfg, index: int) -> dict:
 
 
 def build_ends(cfg, get, dtype, device):
-    """Embedding, final LayerNorm and the tied output of ``cfg`` at TP=1 (a GLM with no layers)."""
-    names = ("transformer.word_embeddings.weight", "transformer.final_layernorm.weight",
+    """Embedding, final LayerNorm and the tied output of ``cfg`` at TP=1 (a GLM with no layers);
+    quantized when ``cfg.quantization`` has an ``embedding`` entry."""
+    spec = (cfg.quantization or {}).get("embedding")
+    names = (EMBEDDING_KEY, *((EMBEDDING_KEY + "_scale",) if spec else ()), "transformer.final_layernorm.weight",
              "transformer.final_layernorm.bias")
-    return model_from_state_dict(cfg.replace(num_layers=0, tensor_parallel_size=1, quantization=None),
+    return model_from_state_dict(cfg.replace(num_layers=0, tensor_parallel_size=1,
+                                             quantization={"embedding": spec} if spec else None),
                                  {n: get(n) for n in names}, dtype, device, where="embedding and final LayerNorm")
 
 
@@ -280,7 +321,7 @@ def build_layer(cfg, index: int, get, dtype, device):
 
 def embed(ends, tokens, positions, mask):
     """What GLM.forward computes before its first layer: (hidden, (cos, sin, mask))."""
-    h = ends.transformer.embedding_dropout(ends.transformer.word_embeddings(tokens))
+    h = ends.transformer.embedding_dropout(ends.embed(tokens))
     cos, sin = ends.rope(positions, h.dtype)
     return h, (cos, sin, mask.unsqueeze(1) if mask.dim() == 3 else mask)
 
@@ -345,7 +386,12 @@ class OutputLayout:
     def linear_bytes(self) -> int:
         """Bytes of the quantized linear weights and their scales, all ranks."""
         return sum(math.prod(shape) * dtype.itemsize for rank in self.entries for n, shape, dtype in rank
-                   if n in self.linears or n.endswith("weight_scale"))
+                   if n in self.linears or (n.endswith("weight_scale") and n[:-len("_scale")] in self.linears))
+
+    def embedding_bytes(self) -> int:
+        """Bytes of the tied embedding (and its scales when quantized), all ranks."""
+        return sum(math.prod(shape) * dtype.itemsize for rank in self.entries for n, shape, dtype in rank
+                   if n.startswith(EMBEDDING_KEY))
 
     def in_local(self, name: str) -> int:
         n = tp_layout.linear_in_features(name, self.cfg.hidden_size, self.cfg.inner_hidden_size)
@@ -445,6 +491,11 @@ def write_quantized(reader: CheckpointReader, out: OutputLayout, quantizer, writ
             if name in out.linears:
                 q, scales[r] = quantizer.quantize(name, r)
                 write(r, name, q)
+            elif name == EMBEDDING_KEY and out.v.embedding:  # rows: each rank's slice on its own
+                w = reader.read(name, out.tp, r)
+                check_fp16(name, w, out.v.embedding[0], out.scale_dtype)
+                q, scales[r] = quantize_embedding_rows(w, *out.v.embedding, scale_dtype=out.scale_dtype)
+                write(r, name, q)
             elif name.endswith("weight_scale"):
                 write(r, name, scales.pop(r))
             else:
@@ -484,32 +535,45 @@ def layerwise_report(cfg, parent_get, variants: list, windows: Windows, *, batch
     """Perplexity of the parent and of each quantized model, mean KL(parent || quantized) of the
     next-token distributions and top-1 agreement, over the scored tokens of ``windows``; every
     model runs block by block (``layerwise_hidden``), never two models at once. The embedding,
-    final LayerNorm and output are the parent's (quantization leaves them unchanged).
+    final LayerNorm and output are the parent's, or where a variant's config quantizes the
+    embedding (``quantization["embedding"]``), that variant's own quantized embedding and output
+    (one copy per distinct embedding, held beside the parent's for the scoring).
     ``parent_get(name)``: the parent's TP=1 tensors; ``variants``: [(get, quantized config)]."""
     cfg = cfg.replace(tensor_parallel_size=1, quantization=None)
     batches = [b[:3] for b in windows.batches(batch_size, device)]
     targets = [b[3] for b in windows.batches(batch_size, device)]
     ends = build_ends(cfg, parent_get, dtype, device)
-    passes = []
+    own_ends = {}  # (bits, group, scale dtype) -> the quantized embedding's ends
+
+    def ends_of(get, qcfg):
+        spec = (qcfg.quantization or {}).get("embedding")
+        if not spec:
+            return ends
+        key = (spec["bits"], spec.get("group_size"), get(EMBEDDING_KEY + "_scale").dtype)
+        if key not in own_ends:
+            own_ends[key] = build_ends(qcfg, get, dtype, device)
+        return own_ends[key]
+    passes, pass_ends = [], []
     with console.progress(cfg.num_layers * (1 + len(variants)), "evaluate", "layers") as bar:
         for i, (get, qcfg) in enumerate([(parent_get, cfg)] + variants):
+            pass_ends.append(ends_of(get, qcfg))
             acts, _ = layerwise_hidden(qcfg.replace(tensor_parallel_size=1), get, batches, dtype, device, budget,
-                                       Path(spill_dir) / f"eval{i}", ends=ends, progress=bar)
+                                       Path(spill_dir) / f"eval{i}", ends=pass_ends[-1], progress=bar)
             passes.append(acts)
     n = 0
     nll_p = 0.0
     acc = [{"nll": 0.0, "kl": 0.0, "agree": 0} for _ in variants]
     tpos = windows.target_positions.to(device)
 
-    def logprobs(h):
-        return torch.log_softmax(ends.logits(ends.transformer.final_layernorm(h))[:, tpos].float(), dim=-1)
+    def logprobs(h, e):
+        return torch.log_softmax(e.logits(e.transformer.final_layernorm(h))[:, tpos].float(), dim=-1)
     for b, tgt in enumerate(targets):
-        lp = logprobs(passes[0][b])
+        lp = logprobs(passes[0][b], ends)
         nll_p += -lp.gather(-1, tgt[..., None]).sum().item()
         top_p = lp.argmax(-1)
         p = lp.exp()
-        for a, acts in zip(acc, passes[1:]):
-            lq = logprobs(acts[b])
+        for a, acts, e in zip(acc, passes[1:], pass_ends[1:]):
+            lq = logprobs(acts[b], e)
             a["nll"] += -lq.gather(-1, tgt[..., None]).sum().item()
             a["kl"] += (p * (lp - lq)).sum().item()
             a["agree"] += (lq.argmax(-1) == top_p).sum().item()

@@ -7,7 +7,10 @@ Format (docs/glm130b.md §7.1, kernels/reference.py): only the four linear weigh
 quantized; ``….weight`` becomes int8 (INT4: two per byte, even column in the high nibble) and
 ``….weight_scale`` (fp16) is one scale per output row, or per row and group of G input columns.
 Embeddings, LayerNorms and biases are copied unchanged (biases kept, unlike GLM-130B's
-on-the-fly path). ``rtn`` with no group size is GLM-130B's scheme bit for bit: the weight in
+on-the-fly path), unless ``embedding_bits`` (--embedding-bits) asks for the tied embedding/output
+too: then its rows are RTN-quantized the same way (``embedding_group_size``: per row, or groups;
+each rank's vocabulary rows on their own, so any TP in and out), and the report scores that
+quantized embedding. ``rtn`` with no group size is GLM-130B's scheme bit for bit: the weight in
 fp16, s = fp16(absmax / (2^(b-1)-1)), q = round_half_even(w / s) on the fp16 quotient.
 
 Memory (glmctl/quantization.py): nothing holds the model. RTN goes tensor by tensor, each output
@@ -45,8 +48,10 @@ from glmctl.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, copy_to
 from glmctl.console import parse_size
 from glmctl.errors import InputError, UsageError
 from glmctl.formats.native import NativeSink
+from glmctl.model.glm import EMBEDDING_KEY
 from glmctl.quantization import GPTQ, METHODS, RTN, OutputLayout, ScaleOverflow, SpillSink, Variant, \
-    check_variant, layerwise_report, linear_keys, output_group, parse_variant, select_windows, write_quantized
+    check_variant, embedding_name, embedding_spec, layerwise_report, linear_keys, output_group, parse_variant, \
+    select_windows, write_quantized
 from glmctl.stage import COMPLETE, FAILED_GATE, StageOutput, StageResult
 
 
@@ -71,6 +76,8 @@ class QuantizeConfig:
     act_order: bool = True  # measured: about half the KL of plain GPTQ at the same format (docs)
     dtype: str = "fp32"  # compute dtype for calibration and evaluation
     tp: int | None = None  # output tensor-parallel size (default: the source's)
+    embedding_bits: int | None = None  # quantize the tied embedding/output too (8 or 4); None: fp, GLM-130B's
+    embedding_group_size: int | None = None  # None: per row (8 bits), largest G <= 128 dividing h (4); 0: per row
     report: bool = True  # False (--no-report): no quality report (the manifest says so)
     activation_memory: str = "2GiB"  # activations kept in memory; memory-mapped files beyond
     device: str | None = None  # default: cuda when available, else cpu
@@ -90,6 +97,14 @@ class QuantizeConfig:
             raise UsageError(f"--max-ppl-increase must be >= 0, got {self.max_ppl_increase}")
         if self.tp is not None and self.tp < 1:
             raise UsageError(f"--tp must be at least 1, got {self.tp}")
+        if self.embedding_bits is not None and self.embedding_bits not in (4, 8):
+            raise UsageError(f"--embedding-bits {self.embedding_bits}: unsupported bit width; choose 4 or 8")
+        if self.embedding_group_size is not None:
+            if self.embedding_bits is None:
+                raise UsageError("--embedding-group-size needs --embedding-bits 8 or 4")
+            if self.embedding_group_size < 0:
+                raise UsageError(f"--embedding-group-size must be >= 0 (0: one scale per row), "
+                                 f"got {self.embedding_group_size}")
         try:
             parse_size(self.activation_memory)
         except ValueError:
@@ -106,11 +121,18 @@ class QuantizeResult(StageResult):
 
 
 # ---- the stage ------------------------------------------------------------------------------
+def main_variant(c: QuantizeConfig, cfg) -> Variant:
+    """The variant written: linears as --bits/--method/--group-size, the embedding as --embedding-*."""
+    return Variant(c.bits, c.method, c.group_size,
+                   embedding_spec(c.embedding_bits, c.embedding_group_size, cfg.hidden_size))
+
+
 def resolve(c: QuantizeConfig, cfg) -> QuantizeConfig:
     """Fill defaults that depend on the model, and check the options that do (UsageError)."""
     c = replace(c, method=c.method.lower(), compare=tuple(c.compare or ()))
-    check_variant(Variant(c.bits, c.method, c.group_size), cfg, f"--bits {c.bits} --method {c.method}"
-                  + (f" --group-size {c.group_size}" if c.group_size else ""))
+    check_variant(main_variant(c, cfg), cfg, f"--bits {c.bits} --method {c.method}"
+                  + (f" --group-size {c.group_size}" if c.group_size else "")
+                  + (f" --embedding-bits {c.embedding_bits}" if c.embedding_bits else ""))
     seq_len = c.seq_len or min(512, cfg.max_sequence_length)
     if not 4 <= seq_len <= cfg.max_sequence_length:
         raise UsageError(f"--seq-len {seq_len}: must be between 4 and the model's max_sequence_length "
@@ -126,6 +148,8 @@ def run_config(c: QuantizeConfig) -> dict:
     d = asdict(c)
     for k in ("src", "out", "device", "if_stale", "lock", "activation_memory"):
         d.pop(k)
+    if c.embedding_bits is None:  # the default: manifests written before the option stay up to date
+        d.pop("embedding_bits"), d.pop("embedding_group_size")
     d["compare"] = list(d["compare"])
     return d
 
@@ -146,13 +170,13 @@ def _run(c: QuantizeConfig, output: StageOutput) -> QuantizeResult:
         raise InputError(f"{src}: already quantized (int{q.get('bits')} {q.get('method', 'rtn')}); "
                          "quantize its floating-point parent instead")
     c = resolve(c, cfg0)
-    main = Variant(c.bits, c.method, c.group_size)
+    main = main_variant(c, cfg0)
     tp_out = c.tp or cfg0.tensor_parallel_size
     where = f"--bits {c.bits} --method {c.method}" + (f" --group-size {c.group_size}" if c.group_size else "")
     group_out = output_group(main, cfg0, tp_out, where)
     others = []
     for spec in c.compare:
-        v = parse_variant(spec, c.bits)
+        v = parse_variant(spec, c.bits, main.embedding, cfg0.hidden_size)
         check_variant(v, cfg0, f"--compare {spec}")
         if v != main and v not in others:
             others.append(v)
@@ -218,7 +242,8 @@ def _produce(c, reader, variants, tp_out, group_out, calib, evals, dtype, device
     main = variants[0]
     keys = linear_keys(reader.cfg)
     report = {"source": str(c.src), "output": None if c.out is None else str(c.out), "bits": main.bits,
-              "group_size": main.group_size, "method": main.method, "tensor_parallel_size": tp_out}
+              "group_size": main.group_size, "method": main.method, "tensor_parallel_size": tp_out,
+              "embedding": main.block().get("embedding")}  # None: full precision (GLM-130B's)
     parent_get = lambda n: reader.read(n, 1, 0)  # noqa: E731 - the parent's TP=1 tensors
     gets, layouts = [], []
     for i, v in enumerate(variants):
@@ -243,8 +268,11 @@ def _produce(c, reader, variants, tp_out, group_out, calib, evals, dtype, device
     report["quantized_tensors"] = len(keys)
     report["linear_weight_bytes"] = {"parent": sum(math.prod(reader.global_shape(k)) * reader.dtypes[k].itemsize
                                                    for k in keys)}
+    report["embedding_bytes"] = {"parent": math.prod(reader.global_shape(EMBEDDING_KEY))
+                                 * reader.dtypes[EMBEDDING_KEY].itemsize}
     if out_dir is not None:
         report["linear_weight_bytes"]["quantized"] = layouts[0].linear_bytes()
+        report["embedding_bytes"]["quantized"] = layouts[0].embedding_bytes()
     if evals is None:
         if calib is not None:
             report["calibration"] = {"source": calib.source, "windows": len(calib.tokens), "seq_len": c.seq_len}
@@ -303,15 +331,18 @@ def report_rows(report: dict) -> list[list]:
     """The comparison table: parent, the written variant (*), the --compare variants."""
     if "parent" not in report:
         return []
-    rows = [["fp parent", "-", "-", "-", report["parent"]["ppl"], "-", "-", "-"]]
+    def emb(block):
+        e = block.get("embedding")
+        return embedding_name(e and (e["bits"], e["group_size"])).removeprefix("embedding ")
+    rows = [["fp parent", "-", "-", "-", "fp", report["parent"]["ppl"], "-", "-", "-"]]
     q = report["quantized"]
     rows.append([q["name"] + (" *" if report.get("output") else ""), report["bits"],
-                 report["group_size"] or "row", report["method"], q["ppl"], f"{q['ppl_increase_pct']:+.3f}",
-                 q["kl_mean"], q["top1_agreement"]])
+                 report["group_size"] or "row", report["method"], emb(report), q["ppl"],
+                 f"{q['ppl_increase_pct']:+.3f}", q["kl_mean"], q["top1_agreement"]])
     for r in report.get("compare", []):
-        rows.append([r["name"], r["bits"], r["group_size"] or "row", r["method"], r["ppl"],
+        rows.append([r["name"], r["bits"], r["group_size"] or "row", r["method"], emb(r), r["ppl"],
                      f"{r['ppl_increase_pct']:+.3f}", r["kl_mean"], r["top1_agreement"]])
     return rows
 
 
-REPORT_COLUMNS = ["variant", "bits", "group", "method", "ppl", "ppl +%", "KL mean", "top-1 agree"]
+REPORT_COLUMNS = ["variant", "bits", "group", "method", "embedding", "ppl", "ppl +%", "KL mean", "top-1 agree"]

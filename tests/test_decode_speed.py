@@ -227,3 +227,20 @@ def test_quantized_tied_embedding(model, bits, group):
     r = span_request(prepare_prompt([5, 6, M, 7], IDS), M, IDS)
     got = decode(q, r.tokens, r.positions, r.prefix_len, r.next_position, GenerationConfig(max_new_tokens=5), IDS)
     assert got[0].tokens == reference_span(deq, r, 5, banned=())[:len(got[0].tokens)]
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens(model):
+    """GLM.compile_decode: the per-token step through torch.compile; greedy fills (a padded batch with
+    [MASK], [sMASK], [gMASK]) and beam search give the eager path's tokens, which are today's."""
+    gen, beam = GenerationConfig(max_new_tokens=6), GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=5)
+    eager = fill_batch(model, PROMPTS, IDS, gen)
+    eager_beam = fill_batch(model, PROMPTS[:2], IDS, beam)
+    model.compile_decode()
+    try:
+        got = fill_batch(model, PROMPTS, IDS, gen)
+        got_beam = fill_batch(model, PROMPTS[:2], IDS, beam)
+    finally:
+        model.compile_decode(False)
+    assert [r.spans for r in got] == [r.spans for r in eager] == [reference_fill(model, p, 6) for p in PROMPTS]
+    assert [r.spans for r in got_beam] == [r.spans for r in eager_beam]

@@ -16,6 +16,8 @@ EPILOG = (
     "  glmctl quantize model model-int8 --bits 8 --eval tokens\n\n"
     "  glmctl quantize model model-int4 --bits 4 --group-size 128 --method gptq --calibration tokens "
     "--compare rtn:row,rtn:g128,int8 --max-ppl-increase 5\n\n"
+    "  glmctl quantize model model-int4-e8 --bits 4 --group-size 128 --embedding-bits 8 --eval tokens "
+    "--compare embfp\n\n"
     + EXIT_CODES_HELP + " 5: the quality gate (--max-ppl-increase) tripped; the artifact is written and "
     "marked failed-gate in its manifest."
 )
@@ -56,6 +58,13 @@ def quantize_cmd(
     act_order: bool = typer.Option(C.act_order, "--act-order/--no-act-order",
                                    help="GPTQ: visit columns by decreasing Hessian diagonal, group scales fixed up front [default: on]."),
     dtype: str = typer.Option(C.dtype, "--dtype", help="Compute dtype for calibration and evaluation."),
+    embedding_bits: Optional[int] = typer.Option(None, "--embedding-bits",
+                                                 help="Quantize the tied embedding/output layer too: 8 or 4 "
+                                                      "(default: kept in full precision, as GLM-130B)."),
+    embedding_group_size: Optional[int] = typer.Option(None, "--embedding-group-size", metavar="G",
+                                                       help="Embedding scales per row and group of G columns "
+                                                            "(default: per row for 8 bits, the largest G <= 128 "
+                                                            "dividing the hidden size for 4; 0: per row)."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Output tensor-parallel size (default: the source's). "
                                                         "Per-row scales are per output rank, as GLM-130B's."),
     report: bool = typer.Option(C.report, "--report/--no-report",
@@ -79,7 +88,7 @@ def quantize_cmd(
         eval=None if eval_tokens is None else str(eval_tokens), max_ppl_increase=max_ppl_increase, compare=tuple(specs),
         seq_len=seq_len, eval_prefix=eval_prefix, calibration_samples=calibration_samples,
         eval_samples=eval_samples, batch_size=batch_size, damp=damp, block_size=block_size, act_order=act_order,
-        dtype=dtype, tp=tp, report=report, activation_memory=activation_memory, device=device, if_stale=if_stale, lock="auto" if lock else None)
+        dtype=dtype, tp=tp, embedding_bits=embedding_bits, embedding_group_size=embedding_group_size, report=report, activation_memory=activation_memory, device=device, if_stale=if_stale, lock="auto" if lock else None)
     result = run(cfg)
     report = result.report
     if json_out:

@@ -357,19 +357,31 @@ class QuantizedVocabEmbedding(nn.Module):
         return kernels.quant_linear(hidden, self.weight, self.weight_scale, bits=self.bits)
 
 
+EMBEDDING_KEY = "transformer.word_embeddings.weight"
+
+
+def quantize_embedding_rows(w: torch.Tensor, bits: int, group_size: int | None = None,
+                            scale_dtype: torch.dtype = torch.float16):
+    """(qweight int8, scale) of embedding rows ``w`` [V, h] by GLM-130B's RTN absmax, the rule the
+    quantize stage applies to the linears (``kernels.quantize_rtn``): the weight taken in fp16 when
+    the scales are fp16, one scale per row or per row and group of ``group_size`` columns. Rows
+    are quantized independently, so any vocabulary slice (a TP rank's) quantizes to the slice of
+    the whole."""
+    if not w.is_floating_point():
+        raise ValueError(f"{EMBEDDING_KEY} is already quantized")
+    w = w.to(torch.float16 if scale_dtype == torch.float16 else torch.float32)
+    return kernels.quantize_rtn(w, bits, group_size, scale_dtype=scale_dtype)
+
+
 def quantize_tied_embedding(state_dict: dict, bits: int, group_size: int | None = None) -> dict:
-    """The state dict with its tied embedding/output matrix quantized by GLM-130B's RTN absmax
-    (``kernels.quantize_rtn``; INT8, or INT4 with optional groups as llama.cpp stores its output
-    layer): ``transformer.word_embeddings.weight`` becomes int8 with a ``..._scale`` beside it.
+    """The state dict with its tied embedding/output matrix quantized (``quantize_embedding_rows``;
+    INT8, or INT4 with optional groups as llama.cpp stores its output layer):
+    ``transformer.word_embeddings.weight`` becomes int8 with a ``..._scale`` beside it.
     Pair it with ``quantization["embedding"] = {"bits": bits, "group_size": group_size}`` in the
     config. Other tensors are passed through (the same objects)."""
-    key = "transformer.word_embeddings.weight"
     out = dict(state_dict)
-    w = out.pop(key)
-    if not w.is_floating_point():
-        raise ValueError(f"{key} is already quantized")
-    q, s = kernels.quantize_rtn(w.float(), bits, group_size)
-    out[key], out[key + "_scale"] = q, s
+    out[EMBEDDING_KEY], out[EMBEDDING_KEY + "_scale"] = quantize_embedding_rows(out.pop(EMBEDDING_KEY), bits,
+                                                                                 group_size)
     return out
 
 
@@ -404,6 +416,24 @@ class GLM(nn.Module):
         # explicit math and F.scaled_dot_product_attention, measured per step shape.
         self.decode_attention = "auto"
         self.attention_picker = AttentionPicker()
+        # The per-token decode step through torch.compile (``compile_decode``); kept in __dict__
+        # (not a submodule: the compiled wrapper holds this module).
+        self.__dict__["_compiled_step"] = None
+
+    def compile_decode(self, enabled: bool = True) -> "GLM":
+        """Run ``decode_step`` (one new token per row with a KV cache: DecodeBatch.step) through
+        ``torch.compile(dynamic=True)``, or eagerly again. The prefill stays eager. Same tokens as
+        eager (tests/test_decode_speed.py); the first steps pay the compilation (tens of seconds
+        on a CPU), so it pays for long-lived processes and long generations (bench/RESULTS.md).
+        The compiled call goes through the module (forward hooks included: P-tuning's prefix)."""
+        self.__dict__["_compiled_step"] = torch.compile(self, dynamic=True) if enabled else None
+        return self
+
+    def decode_step(self, tokens, position_ids, attention_mask, kv_cache, **kw):
+        """One decoding step: ``self(...)``, compiled when ``compile_decode`` asked for it."""
+        step = self.__dict__["_compiled_step"]
+        step = self if step is None else step
+        return step(tokens, position_ids, attention_mask, kv_cache=kv_cache, **kw)
 
     def use_fast_attention(self, enabled: bool = True) -> "GLM":
         """Switch every layer to F.scaled_dot_product_attention (SelfAttention._sdpa) or back."""
@@ -428,9 +458,7 @@ class GLM(nn.Module):
 
     def forward(self, tokens, position_ids, attention_mask, kv_cache: KVCache | None = None,
                 parallel_output: bool = False, return_hidden: bool = False):
-        h = self.transformer.word_embeddings(tokens)
-        if isinstance(self.transformer.word_embeddings, QuantizedVocabEmbedding):
-            h = h.to(self.transformer.final_layernorm.weight.dtype)
+        h = self.embed(tokens)
         a = self.embedding_grad_shrink
         if a != 1.0 and h.requires_grad:
             h = h * a + h.detach() * (1.0 - a)
@@ -450,6 +478,14 @@ class GLM(nn.Module):
         if return_hidden:
             return h
         return self.logits(h, parallel_output)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Word embeddings of ``tokens`` in the model's dtype (a quantized embedding dequantizes
+        its rows in fp32)."""
+        h = self.transformer.word_embeddings(tokens)
+        if isinstance(self.transformer.word_embeddings, QuantizedVocabEmbedding):
+            h = h.to(self.transformer.final_layernorm.weight.dtype)
+        return h
 
     def _decode_attention(self, h: torch.Tensor, cached: int) -> str:
         """The attention kernel of this inference forward: ``decode_attention``, or when "auto"
