@@ -87,7 +87,7 @@ class Session:
 
 
 def open_model(path: str | Path, *, dtype=None, device=None, tokenizer: str | Path | None = None,
-               need_tokenizer: bool = True, adapter: str | Path | None = None) -> Session:
+               need_tokenizer: bool = True, adapter: str | Path | None = None, compile: bool = False) -> Session:
     """Load the checkpoint at ``path`` for this rank and check its tokenizer (module docstring).
 
     ``dtype``: 'fp32' | 'bf16' | 'fp16' or a torch dtype for the float weights (default: as
@@ -95,6 +95,7 @@ def open_model(path: str | Path, *, dtype=None, device=None, tokenizer: str | Pa
     ``need_tokenizer=False``: a checkpoint without one opens with ``tokenizer=None``.
     ``adapter``: a LoRA / P-tuning adapter directory (or finetune run) made on this checkpoint,
     attached to the model (glmctl.adapters); one made on another base is an InputError (exit 3).
+    ``compile``: run each decoding step through ``torch.compile`` (``GLM.compile_decode``).
     """
     path = Path(path)
     manifest = read_manifest(path)  # one clear line for a missing or incomplete checkpoint
@@ -108,4 +109,6 @@ def open_model(path: str | Path, *, dtype=None, device=None, tokenizer: str | Pa
     if adapter is not None:
         load_adapter(model, adapter, path)
         model.eval()
+    if compile:
+        model.compile_decode()
     return Session(path=path, model=model, tokenizer=tok, manifest=manifest)

@@ -56,6 +56,7 @@ class GenerateConfig:
     device: str | None = None  # cpu | cuda (default: cuda when available)
     tokenizer: str | None = None  # default: the checkpoint's copy
     adapter: str | None = None  # a LoRA / P-tuning adapter made on this checkpoint (glmctl finetune)
+    compile: bool = False  # torch.compile the decoding step (GLM.compile_decode): pays for long runs only
     interactive: bool | None = None  # None: when no prompts are given and stdin is a terminal
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
@@ -211,7 +212,8 @@ def run(c: GenerateConfig, stdin=None, stdout=None) -> GenerateResult:
 
 
 def _open(c: GenerateConfig, rt) -> Filler:
-    s = open_model(c.model, dtype=c.dtype, device=rt.device, tokenizer=c.tokenizer, adapter=c.adapter)
+    s = open_model(c.model, dtype=c.dtype, device=rt.device, tokenizer=c.tokenizer, adapter=c.adapter,
+                   compile=c.compile)
     return Filler(s, c.generation)
 
 

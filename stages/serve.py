@@ -39,6 +39,7 @@ class ServeConfig:
     device: str | None = None  # cpu | cuda (default: cuda when available)
     tokenizer: str | None = None  # default: the checkpoint's copy
     adapter: str | None = None  # a LoRA / P-tuning adapter from `glmctl finetune`, made on ``model``
+    compile: bool = False  # torch.compile the decoding step (GLM.compile_decode)
     max_batch_size: int = 8  # requests decoded together (a beam-search request counts once)
     max_queue: int = 64  # requests waiting for a slot; more get 429
     max_new_tokens_limit: int = 512  # the largest max_tokens a request may ask for
@@ -84,7 +85,8 @@ def run(c: ServeConfig) -> StageResult:
     clean = False
     try:
         def load() -> Engine:
-            s = open_model(c.model, dtype=c.dtype, device=rt.device, tokenizer=c.tokenizer, adapter=c.adapter)
+            s = open_model(c.model, dtype=c.dtype, device=rt.device, tokenizer=c.tokenizer, adapter=c.adapter,
+                           compile=c.compile)
             state.info = {"max_sequence_length": s.config.max_sequence_length, "precision": s.precision,
                           "tensor_parallel_size": tp.tp_size()}
             engine = Engine(s, rt, c.max_batch_size, c.max_queue, metrics=state.metrics if rt.is_main else None)

@@ -367,3 +367,26 @@ def test_tp2_equals_tp1_under_torchrun(ckpt, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout == want  # only rank 0 prints; the tokens are the TP=1 tokens
         assert len(want.splitlines()) == 3
+
+
+def test_compile_option_reaches_the_decoding_step(ckpt, monkeypatch):
+    """`generate --compile` hands the model to GLM.compile_decode (whose tokens equal eager ones:
+    tests/test_decode_speed.py); here the compiled step is stubbed by the eager forward, counted."""
+    calls = []
+
+    def fake_compile(self, enabled=True):
+        def step(*args, **kw):
+            calls.append(args[0].shape)
+            return type(self).__call__(self, *args, **kw)
+        self.__dict__["_compiled_step"] = step if enabled else None
+        return self
+
+    monkeypatch.setattr(GLM, "compile_decode", fake_compile)
+    gen = GenerationConfig(max_new_tokens=4, min_new_tokens=4)
+    plain, _ = run_stage(ckpt, prompts=("The quick brown",), generation=gen)
+    assert not calls
+    compiled, _ = run_stage(ckpt, prompts=("The quick brown",), generation=gen, compile=True)
+    assert compiled.records[0]["text"] == plain.records[0]["text"]
+    assert calls == [(1, 1)] * 3  # every step after the prefill: tokens 2..4, one row each
+    r = run_glmctl("generate", ckpt, "x", "--compile", "--help")
+    assert "--compile" in r.stdout

@@ -71,6 +71,9 @@ def generate_cmd(
                                            help="LoRA / P-tuning adapter from `glmctl finetune` (made on MODEL)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
                                              help="Tokenizer directory (default: the checkpoint's copy)."),
+    compile: bool = typer.Option(C.compile, "--compile/--no-compile",
+                                 help="torch.compile the decoding step: the first steps pay tens of seconds of "
+                                      "compilation, later ones run faster (docs/generate.md)."),
 ):
     """Fill blanks ([MASK], [sMASK]) and continue text ([gMASK]) with a GLM model."""
     gen = G(strategy=strategy, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -80,6 +83,6 @@ def generate_cmd(
         model=str(model), prompts=tuple(prompts or ()), input=input, input_format=input_format,
         output=None if output is None else str(output), format=format, json=json_out, stream=stream,
         batch_size=batch_size, dtype=dtype, device=device, tokenizer=None if tokenizer is None else str(tokenizer),
-        adapter=None if adapter is None else str(adapter),
+        adapter=None if adapter is None else str(adapter), compile=compile,
         generation=gen)
     run(cfg)

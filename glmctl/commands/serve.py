@@ -53,6 +53,8 @@ def serve_cmd(
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file",
                                                 help="Read the API key from this file's first line."),
     log_requests: bool = typer.Option(C.log_requests, "--log-requests", help="Log every request on stderr."),
+    compile: bool = typer.Option(C.compile, "--compile/--no-compile",
+                                 help="torch.compile the decoding step (slower start, faster steps; docs/serve.md)."),
 ):
     """Serve a model over HTTP: OpenAI-compatible completions, blank infilling, a web page."""
     cfg = C(model=str(model), host=host, port=port, model_name=model_name, dtype=dtype, device=device,
@@ -60,5 +62,6 @@ def serve_cmd(
             adapter=None if adapter is None else str(adapter), max_batch_size=max_batch_size,
             max_queue=max_queue, max_new_tokens_limit=max_new_tokens_limit, request_timeout=request_timeout,
             drain_timeout=drain_timeout, api_key=api_key,
-            api_key_file=None if api_key_file is None else str(api_key_file), log_requests=log_requests)
+            api_key_file=None if api_key_file is None else str(api_key_file), log_requests=log_requests,
+            compile=compile)
     run(cfg)
