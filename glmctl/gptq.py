@@ -72,40 +72,84 @@ def _absmax_scale(w: torch.Tensor, qmax: int, scale_dtype) -> torch.Tensor:
     return (w.abs().amax(dim=1) / qmax).to(scale_dtype)
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 6):
-    """Upper Cholesky factor of (H + damp*mean(diag)*I)^-1, raising damp tenfold on failure."""
-    k = H.shape[0]
+def _transpose_(M: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Transpose the square matrix ``M`` in place, a block pair at a time (temporaries of block²)."""
+    k = M.shape[0]
+    for i in range(0, k, block):
+        i2 = min(i + block, k)
+        M[i:i2, i:i2] = M[i:i2, i:i2].t().clone()
+        for j in range(i2, k, block):
+            j2 = min(j + block, k)
+            tmp = M[i:i2, j:j2].clone()
+            M[i:i2, j:j2] = M[j:j2, i:i2].t()
+            M[j:j2, i:i2] = tmp.t()
+    return M
+
+
+def _permute_columns_(M: torch.Tensor, idx: torch.Tensor, rows: int = 128) -> torch.Tensor:
+    """``M[:, idx]`` written into ``M`` itself, a band of rows at a time."""
+    for r in range(0, M.shape[0], rows):
+        M[r:r + rows] = M[r:r + rows].index_select(1, idx)
+    return M
+
+
+def _inverse_cholesky_(H: torch.Tensor, d: float, perm=None) -> torch.Tensor | None:
+    """The upper Cholesky factor U of (P H P^T + d*mean(diag H)*I)^-1, P the column order ``perm``
+    (None: as is), computed in the storage of ``H`` [k, k] (contiguous) and returned as a
+    column-major view of it, the layout torch's cholesky returns; None when that matrix or its
+    inverse is not positive definite (``H`` is then garbage).
+
+    In place, with no k x k temporaries (at GLM-130B's width the H of dense_4h_to_h is 4.3 GB).
+    LAPACK works on column-major storage and torch copies a row-major operand first, so H is
+    transposed in place and handed over as the column-major view ``H.mT``: cholesky,
+    cholesky_inverse and cholesky(upper) then write into it. They are the same LAPACK calls on
+    the same values as ``cholesky_ex(H + d*mean*eye)`` etc. on copies: the same factor, bit for bit.
+    """
     mean_diag = torch.diagonal(H).mean().clamp_min(1e-12)
-    eye = torch.eye(k, dtype=H.dtype, device=H.device)
-    d = damp
-    for _ in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                return U, d
-        d = d * 10 if d > 0 else 1e-4
-    raise ValueError(f"Hessian is not positive definite even with dampening {d:g}")
+    if perm is not None:  # P H P^T: permute the columns, transpose, permute the columns again
+        _permute_columns_(H, perm)
+        _transpose_(H)
+        _permute_columns_(H, perm)  # storage: (P H P^T)^T, i.e. P H P^T column-major
+    else:
+        _transpose_(H)
+    F = H.mT  # the logical matrix, column-major
+    torch.diagonal(F).add_(d * mean_diag)
+    info = torch.zeros((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(F, out=(F, info))
+    if int(info) != 0:
+        return None
+    torch.cholesky_inverse(F, out=F)
+    torch.linalg.cholesky_ex(F, upper=True, out=(F, info))
+    if int(info) != 0 or not all(bool(torch.isfinite(H[r:r + 1024]).all()) for r in range(0, H.shape[0], 1024)):
+        return None
+    return F
 
 
 @torch.no_grad()
-def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
+def gptq_quantize(weight: torch.Tensor, H, bits: int, group_size: int | None = None,
                   block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                  scale_dtype: torch.dtype = torch.float16) -> GPTQResult:
-    """Quantize one weight [n, k] given the Hessian H [k, k] of its inputs (see module docstring)."""
+                  scale_dtype: torch.dtype = torch.float16, overwrite: bool = False,
+                  max_tries: int = 6) -> GPTQResult:
+    """Quantize one weight [n, k] given the Hessian H [k, k] of its inputs (see module docstring).
+
+    ``H`` is a tensor, or a function returning a fresh one (called once per dampening tried).
+    ``overwrite``: the caller gives ``weight`` and ``H`` up, so nothing of their size is copied
+    (GPTQ of a GLM-130B block in bounded memory): an fp32 contiguous ``weight`` ends up holding
+    the dequantized values (``dequantized`` is ``weight`` itself) and H is factored in place; a
+    tensor H then allows one dampening only (a function H allows retries). Without it the
+    inputs are left as they are. Peak memory beyond the inputs: the int8 codes (n x k bytes),
+    one k x k copy of H unless it is given up, and an fp32 copy of the weight unless overwritten.
+    """
     if bits not in (4, 8):
         raise ValueError(f"unsupported bit width {bits}; choose 4 or 8")
-    W = weight.detach().to(H.device, torch.float32).clone()
+    if overwrite and weight.dtype == torch.float32 and weight.is_contiguous():
+        W = weight.detach()
+    else:
+        W = weight.detach().to(torch.float32).clone()
     n, k = W.shape
-    if H.shape != (k, k):
-        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match {k} input columns")
     if group_size is not None and k % group_size:
         raise ValueError(f"group size {group_size} does not divide {k} columns")
     qmax = 2 ** (bits - 1) - 1
-    H = H.to(torch.float32).clone()
-    dead = torch.diagonal(H) == 0  # inputs never active in calibration: no cross terms, plain rounding
-    H[dead, dead] = 1.0
 
     ngroups = k // group_size if group_size else 1
     scales = torch.zeros(n, ngroups, dtype=scale_dtype, device=W.device)
@@ -116,21 +160,42 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
         for g in range(ngroups):
             scales[:, g] = _absmax_scale(W[:, g * group_size:(g + 1) * group_size], qmax, scale_dtype)
 
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
+    own = callable(H) or overwrite  # may the Hessian be factored where it is?
+    d = damp
+    for _ in range(max_tries):
+        src = H() if callable(H) else H
+        if tuple(src.shape) != (k, k):
+            raise ValueError(f"Hessian shape {tuple(src.shape)} does not match {k} input columns")
+        Hk = src.to(W.device, torch.float32)
+        if Hk.data_ptr() == src.data_ptr() and not (own and Hk.is_contiguous()):
+            Hk = Hk.clone(memory_format=torch.contiguous_format)
+        del src
+        dead = torch.diagonal(Hk) == 0  # inputs never active in calibration: no cross terms, plain rounding
+        Hk[dead, dead] = 1.0
+        perm = torch.argsort(torch.diagonal(Hk), descending=True) if act_order else None
+        Hinv = _inverse_cholesky_(Hk, d, perm)
+        del Hk
+        if Hinv is not None:
+            break
+        if overwrite and not callable(H):
+            raise ValueError(f"Hessian is not positive definite with dampening {d:g} (factored in place: "
+                             f"pass a function that rebuilds it to try more)")
+        d = d * 10 if d > 0 else 1e-4
+    else:
+        raise ValueError(f"Hessian is not positive definite even with dampening {d:g}")
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    Hinv, used_damp = _inverse_cholesky(H, damp)
+        _permute_columns_(W, perm)
 
     # Dynamic group scales need a whole group inside one block.
     if group_size and not static:
         block_size = group_size * max(1, -(-block_size // group_size))
     Q = torch.zeros(n, k, dtype=torch.int8, device=W.device)
-    Wq = torch.zeros_like(W)
     col_group = ((perm if perm is not None else torch.arange(k, device=W.device)) // group_size
                  if group_size else torch.zeros(k, dtype=torch.long, device=W.device))
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1 = W[:, i1:i2].clone()
+        Wq1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -142,18 +207,27 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
             q = torch.round(w / torch.where(s == 0, torch.ones_like(s), s)).clamp_(-qmax, qmax)
             dq = q * s
             Q[:, col] = q.to(torch.int8)
-            Wq[:, col] = dq
+            Wq1[:, i] = dq
             err = (w - dq) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i1:i2] = Wq1  # these columns are done: W turns into the dequantized weight as it goes
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:], in place
+    del Hinv
 
     if perm is not None:
         inv = torch.argsort(perm)
-        Q, Wq = Q[:, inv], Wq[:, inv]
+        _permute_columns_(Q, inv)
+        _permute_columns_(W, inv)
     scale = scales if group_size else scales[:, 0]
-    qweight = pack_int4(Q) if bits == 4 else Q
-    return GPTQResult(qweight.contiguous(), scale.contiguous(), Wq, used_damp)
+    if bits == 4:  # packed a band of rows at a time (pack_int4 makes int16 temporaries of Q's size)
+        qweight = torch.empty(n, k // 2, dtype=torch.int8, device=W.device)
+        for r in range(0, n, 1024):
+            qweight[r:r + 1024] = pack_int4(Q[r:r + 1024])
+        del Q
+    else:
+        qweight = Q
+    return GPTQResult(qweight, scale.contiguous(), W, d)
 
 
 class _Stop(Exception):
@@ -223,24 +297,32 @@ def gptq_layer(layer, hidden, rest, bits: int, group_size: int | None = None, *,
     out = {}
     for name in LINEAR_NAMES:
         linear = layer.get_submodule(name)
-        hess = Hessian(linear.weight.shape[1], device=linear.weight.device)
 
-        def collect(_mod, inp, _out, hess=hess):
-            hess.add(inp[0])
-            raise _Stop
+        def hessian(linear=linear):
+            """The Hessian of ``linear``'s inputs; a new one each call (GPTQ factors it in place)."""
+            hess = Hessian(linear.weight.shape[1], device=linear.weight.device)
 
-        h = linear.register_forward_hook(collect)
-        try:
-            for x, (cos, sin, mask) in zip(hidden, rest):
-                try:
-                    layer(x, cos, sin, mask, None)
-                except _Stop:
-                    pass
-        finally:
-            h.remove()
-        res = gptq_quantize(linear.weight, hess.H, bits, group_size, block_size=block_size, damp=damp,
-                            act_order=act_order, scale_dtype=scale_dtype)
-        linear.weight.copy_(res.dequantized.to(linear.weight.dtype))
+            def collect(_mod, inp, _out):
+                hess.add(inp[0])
+                raise _Stop
+
+            h = linear.register_forward_hook(collect)
+            try:
+                for x, (cos, sin, mask) in zip(hidden, rest):
+                    try:
+                        layer(x, cos, sin, mask, None)
+                    except _Stop:
+                        pass
+            finally:
+                h.remove()
+            return hess.H
+
+        # overwrite: an fp32 weight is quantized where it is (it ends up dequantized) and each
+        # Hessian is factored in place, so the block's memory is its weights + one Hessian + the
+        # int8 codes of one linear (docs/quantize.md, "Memory")
+        res = gptq_quantize(linear.weight.data, hessian, bits, group_size, block_size=block_size, damp=damp,
+                            act_order=act_order, scale_dtype=scale_dtype, overwrite=True)
+        if res.dequantized.data_ptr() != linear.weight.data_ptr():
+            linear.weight.copy_(res.dequantized.to(linear.weight.dtype))  # a bf16/fp16 block
         out[name] = res
-        del hess
     return out
