@@ -1,6 +1,9 @@
 """Tokenization throughput: `glmctl tokenize` end to end vs plain sentencepiece, same documents.
 
-    python bench/tokenize_throughput.py --corpus data/sample/train --tokenizer data/tokenizer [--size-mb 20]
+    python bench/tokenize_throughput.py [--corpus demo/corpus/train] [--tokenizer demo/tokenizer] [--size-mb 20]
+    python bench/tokenize_throughput.py --size-mb 1000 --repeats 3 --no-memory   # the issue's 1 GB corpus
+
+(the defaults are the demo's corpus and tokenizer: ``make demo/tokenizer/manifest.json`` builds them).
 
 The corpus's .jsonl documents are repeated into ``--size-mb`` of jsonl under a temp dir. Then:
 
@@ -11,8 +14,11 @@ The corpus's .jsonl documents are repeated into ``--size-mb`` of jsonl under a t
 
 Each variant runs ``--repeats`` times, interleaved; the table shows the median and the minimum.
 
-Targets (issue): 1 worker >= 0.9x the plain sentencepiece rate; 2 workers >= 1.7x one worker;
-peak memory flat in corpus size (measured in a subprocess at 1x and 4x the size).
+Targets (issue 16): 1 worker >= 0.9x the plain sentencepiece rate; 2 workers >= 1.7x (printed
+against one worker and against sentencepiece); peak memory flat in corpus size (measured in a
+subprocess at 1x and 4x the size). On 2 cores "1 worker" already uses both (the main thread parses
+while a thread encodes), so 2 workers can only gain what parsing and hand-off cost: the ratio is
+bounded by 2 x encode / (encode + parse + hand-off) CPU seconds, shown in the cpu s/MB columns.
 Wall-clock ratios need idle cores: the output records the load average, and the CPU seconds per
 MB of each variant (main process, workers) show the pipeline's own overhead independently of
 other load. Prints a table, or one JSON document with --json. Not a test: nothing here asserts.
@@ -114,13 +120,18 @@ def peak_rss(folder: Path, tokenizer: str, out: Path, workers: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", type=Path, required=True, help=".jsonl file or folder (e.g. data/sample/train)")
-    ap.add_argument("--tokenizer", required=True, help="tokenizer dir (glmctl tokenizer train)")
+    ap.add_argument("--corpus", type=Path, default=Path("demo/corpus/train"),
+                    help=".jsonl file or folder [demo/corpus/train]")
+    ap.add_argument("--tokenizer", default="demo/tokenizer", help="tokenizer dir (glmctl tokenizer train) "
+                                                                  "[demo/tokenizer]")
     ap.add_argument("--size-mb", type=float, default=20.0, help="text per run [20]")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true", help="skip the 1x/4x peak-memory runs")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if not a.corpus.exists() or not (Path(a.tokenizer) / "tokenizer.model").exists():
+        sys.exit(f"bench: {a.corpus} or {a.tokenizer} missing: run `make demo/tokenizer/manifest.json` "
+                 f"or pass --corpus and --tokenizer")
     os.environ.setdefault("GLMCTL_PROGRESS_INTERVAL", "1000")
     # the manifest records torch's version: import it before the timings, but not for --help (slow)
     import torch  # noqa: F401
@@ -155,7 +166,8 @@ def main() -> None:
         result = {"text_mb": round(nbytes / 1e6, 2), "documents": len(docs), "cpus": os.cpu_count(),
                   "load_average": os.getloadavg(), "rows": rows,
                   "1 worker / sentencepiece (best baseline)": round(base / best["glmctl tokenize, 1 worker"], 3),
-                  "2 workers / 1 worker": round(best["glmctl tokenize, 1 worker"] / best["glmctl tokenize, 2 workers"], 3)}
+                  "2 workers / 1 worker": round(best["glmctl tokenize, 1 worker"] / best["glmctl tokenize, 2 workers"], 3),
+                  "2 workers / sentencepiece": round(base / best["glmctl tokenize, 2 workers"], 3)}
         if not a.no_memory:
             small = peak_rss(tmp / "in", a.tokenizer, tmp / "o", 2)
             write_input(docs, int(4 * a.size_mb * 1e6), tmp / "in4", files=4)
@@ -174,6 +186,7 @@ def main() -> None:
         print("  ".join(f"{r[c]:>26}" if i == 0 else f"{r[c]:>10}" for i, c in enumerate(cols)))
     print(f"1 worker / sentencepiece: {result['1 worker / sentencepiece (best baseline)']}  (target >= 0.9)")
     print(f"2 workers / 1 worker:     {result['2 workers / 1 worker']}  (target >= 1.7)")
+    print(f"2 workers / sentencepiece: {result['2 workers / sentencepiece']}")
     if "peak_rss_mib" in result:
         for k, v in result["peak_rss_mib"].items():
             print(f"peak RSS at {k}: main {v['main']:.0f} MiB, largest worker {v['worker']:.0f} MiB")

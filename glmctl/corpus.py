@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import zstandard
 
 from glmctl import console
@@ -302,7 +303,7 @@ def parse_records(data: bytes | None, fmt: str, json_key: str, first_line: int, 
             skip(5, line)
             return
         p.texts.append(text)
-        p.doc_bytes.append(len(text.encode("utf-8")))
+        p.doc_bytes.append(len(text) if text.isascii() else len(text.encode("utf-8")))  # isascii: O(1)
         status.append(KEPT)
 
     def add_bytes(raw: bytes, line: int) -> None:
@@ -319,32 +320,36 @@ def parse_records(data: bytes | None, fmt: str, json_key: str, first_line: int, 
         lines = data.split(b"\n")
         if lines[-1] == b"":
             lines.pop()
-        loads = json.loads
+        # the hot loop of `glmctl tokenize` (bench/tokenize_throughput.py): kept documents go
+        # straight to the lists; everything else goes through skip()/add() as in the other formats
+        fast, texts, doc_bytes, kept = orjson.loads, p.texts, p.doc_bytes, KEPT
+        surrogates = b"\\ud" in data or b"\\uD" in data
         for i, raw in enumerate(lines):
-            if _is_blank(raw):
+            if not raw or raw.isspace():  # a blank line is not a record
                 continue
-            ln = first_line + i + 1
-            try:
-                s = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                skip(4, ln, f"at byte {e.start}")
-                continue
-            try:
-                obj = loads(s)
-            except ValueError as e:
-                skip(1, ln, str(e))
-                continue
+            try:  # orjson reads the bytes as they are: ~3x faster than decode + json.loads
+                obj = fast(raw)
+            except orjson.JSONDecodeError:  # strict RFC 8259: json.loads decides, as it always did
+                obj, code, detail = _loads_lenient(raw)
+                if code:
+                    skip(code, first_line + i + 1, detail)
+                    continue
             if type(obj) is not dict or json_key not in obj:
-                skip(2, ln, f"no {json_key!r} field")
+                skip(2, first_line + i + 1, f"no {json_key!r} field")
                 continue
             text = obj[json_key]
             if type(text) is not str:
-                skip(3, ln, f"{json_key!r} is {type(text).__name__}")
+                skip(3, first_line + i + 1, f"{json_key!r} is {type(text).__name__}")
                 continue
-            if (b"\\ud" in raw or b"\\uD" in raw) and not _encodable(text):
-                skip(4, ln, "lone surrogate escape")
+            if surrogates and (b"\\ud" in raw or b"\\uD" in raw) and not _encodable(text):
+                skip(4, first_line + i + 1, "lone surrogate escape")
                 continue
-            add(text, ln)
+            if not text or text.isspace():
+                skip(5, first_line + i + 1)
+                continue
+            texts.append(text)
+            doc_bytes.append(len(text) if text.isascii() else len(text.encode("utf-8")))  # isascii: O(1)
+            status.append(kept)
     elif fmt == "blocks":
         block: list = []
         start = 0
@@ -360,6 +365,20 @@ def parse_records(data: bytes | None, fmt: str, json_key: str, first_line: int, 
         add_bytes(data[3:] if data.startswith(b"\xef\xbb\xbf") else data, 0)
     p.statuses = bytes(status)
     return p
+
+
+def _loads_lenient(raw: bytes):
+    """A .jsonl line orjson rejected -> (object, 0, "") or (None, status, detail). json.loads accepts
+    what orjson does not (NaN, lone surrogate escapes, huge numbers) and names the error otherwise;
+    on every line orjson accepts, the two give the same object."""
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, 4, f"at byte {e.start}"
+    try:
+        return json.loads(s), 0, ""
+    except ValueError as e:
+        return None, 1, str(e)
 
 
 def _encodable(text: str) -> bool:

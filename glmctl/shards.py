@@ -43,12 +43,13 @@ STATE_VERSION = 1
 def encode_docs(tok, texts: list, *, eod: int | None, dtype):
     """Documents -> (tokens [sum(lengths)] of dtype, lengths [n] int64), eod appended when given."""
     arrs = tok.encode_arrays(texts)
-    lengths = np.fromiter((len(a) for a in arrs), dtype=np.int64, count=len(arrs))
+    lengths = np.fromiter(map(len, arrs), dtype=np.int64, count=len(arrs))
     if eod is not None:
-        e = np.array([eod], dtype=np.int32)
-        arrs = [x for a in arrs for x in (a, e)]
+        docs, arrs = arrs, [np.array([eod], dtype=np.int32)] * (2 * len(arrs))
+        arrs[::2] = docs
         lengths += 1
-    tokens = np.concatenate(arrs).astype(dtype) if arrs else np.zeros(0, dtype=dtype)
+    # ids fit ``dtype`` (glmctl.data.token_dtype): cast while concatenating, in one pass
+    tokens = np.concatenate(arrs, dtype=dtype, casting="unsafe") if arrs else np.zeros(0, dtype=dtype)
     return tokens, lengths
 
 

@@ -22,7 +22,7 @@ import sentencepiece as spm
 import zstandard
 
 from glmctl.cli import main
-from glmctl.corpus import REASONS
+from glmctl.corpus import REASONS, parse_records
 from glmctl.data import TokenDataset
 from glmctl.errors import InputError, UsageError
 from glmctl.sample_corpus import detag_pku, people_daily_articles, select as select_documents
@@ -405,6 +405,50 @@ def test_all_documents_skipped_is_an_input_error(tmp_path, tok_dir):
         run(TokenizeConfig(inputs=(str(tmp_path / "bad.jsonl"),), tokenizer=str(tok_dir), out=str(tmp_path / "t"),
                            workers=0))
     assert not (tmp_path / "t").exists()
+
+
+EDGE_LINES = [  # where a strict parser (orjson) and json.loads part ways, and the usual bad records
+    b'{"text": "plain"}', b'{"text": "nan", "x": NaN}', b'{"text": "inf", "x": Infinity, "y": -Infinity}',
+    b'{"text": "huge", "n": 1e400, "m": 123456789012345678901234567890}', b'{"text": "a", "text": "dup wins"}',
+    b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "crlf"}\r', b'  \t{"text": "padded"}  ', b'{"text": "lone \\ud800"}',
+    b'{"text": "low \\udc00"}', b'{"text": "pair \\ud83d\\ude00"}', b'{"text": "esc \\u00e9 \\u2028 \\u0000"}',
+    b'{"text": "bad \xff"}', '{"text": "中文 ✓"}'.encode(), b'{"meta": {"text": "nested"}}', b'{"text": ["x"]}',
+    b'{"text": 12}', b'{"text": ""}', b'{"text": "\\t \\n"}', b'[1,2]', b'"str"', b'{"text": "a"}, {"text": "b"}',
+    b'{"text": "comma",}', b'{"text": "ctrl \x01"}', b'   ', b'\x0b\x0c', b'',
+    b'{"text": "deep", "d": ' + b'[' * 600 + b']' * 600 + b'}', b'{"text": "last"}',
+]
+
+
+def test_jsonl_parsing_equals_json_loads_line_by_line():
+    """The fast .jsonl path (orjson, json.loads where orjson refuses) keeps and skips exactly what
+    decoding each line and calling json.loads does."""
+    want_texts, want_status = [], []
+    for raw in EDGE_LINES:
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            want_status.append(4)
+            continue
+        except ValueError:
+            want_status.append(1)
+            continue
+        if not isinstance(obj, dict) or "text" not in obj:
+            want_status.append(2)
+        elif not isinstance(obj["text"], str):
+            want_status.append(3)
+        elif any(0xD800 <= ord(ch) <= 0xDFFF for ch in obj["text"]):
+            want_status.append(4)
+        elif not obj["text"].strip():
+            want_status.append(5)
+        else:
+            want_status.append(0)
+            want_texts.append(obj["text"])
+    got = parse_records(b"\n".join(EDGE_LINES) + b"\n", "jsonl", "text", 0)
+    assert list(got.statuses) == want_status
+    assert got.texts == want_texts and "dup wins" in want_texts and "nan" in want_texts
+    assert got.doc_bytes == [len(t.encode("utf-8")) for t in want_texts]
 
 
 def test_reasons_are_the_documented_ones():
