@@ -357,7 +357,8 @@ class ScaleOverflow(Exception):
 
 def check_fp16(name: str, w: torch.Tensor, bits: int, scale_dtype) -> None:
     if scale_dtype == torch.float16:
-        m = w.abs().max().item() if w.numel() else 0.0
+        lo, hi = torch.aminmax(w) if w.numel() else (torch.zeros(()), torch.zeros(()))  # no |w| copy
+        m = max(-lo.item(), hi.item())
         if m > FP16_MAX or m / (2 ** (bits - 1) - 1) > FP16_MAX:
             raise ScaleOverflow(name)
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from glmctl import formats
-from glmctl.checkpoint import DEFAULT_MAX_SHARD_BYTES, copy_tokenizer, parse_dtype
-from glmctl.config import ModelConfig
+from glmctl import adapters, formats
+from glmctl.checkpoint import DEFAULT_MAX_SHARD_BYTES, copy_tokenizer, parse_dtype, save_model
+from glmctl.config import ROPE_MODES, ModelConfig
 from glmctl.console import human_bytes, log, parse_size, progress, warn
 from glmctl.errors import GlmctlError, InputError, UsageError
 from glmctl.formats import hf
@@ -36,7 +36,7 @@ from glmctl.formats.sat import SatSink, SatSource
 from glmctl.model import masks
 from glmctl.quantization import layerwise_logits
 from glmctl.reshard import FORMATS, Plan
-from glmctl.session import check_tokenizer
+from glmctl.session import check_tokenizer, open_model
 from glmctl.stage import StageOutput, StageResult
 from glmctl.tokenizer import Tokenizer
 
@@ -50,6 +50,7 @@ class ConvertConfig:
     dtype: str | None = None  # fp32 | bf16 | fp16 for floating tensors (default: as stored; scales kept)
     preset: str | None = None  # hyperparameters a SAT/DeepSpeed checkpoint does not carry
     num_attention_heads: int | None = None
+    rope: str | None = None  # exact | sat (default: the source's; "sat" for a SAT import)
     tokenizer: str | None = None  # tokenizer (or checkpoint) dir to attach to the output
     verify: bool | None = None  # None: verify when source and result fit in memory
     tolerance: float | None = None  # max |logit difference| allowed (default from the dtypes)
@@ -57,6 +58,8 @@ class ConvertConfig:
     max_shard_size: str | None = None  # split a rank's weights into files of at most this size
     iteration: str | None = None  # SAT export: the iteration folder (default: from the source)
     dequantize: bool = False  # --to hf from a quantized source: export W = q * scale (else refused)
+    merge_adapter: str | None = None  # a LoRA adapter (dir or finetune run) to fold into SRC's weights
+    merge_precision: str = "full"  # --merge-adapter on a quantized SRC: "full" precision or re-"quantized"
     seed: int = 0  # random probe tokens for verification
     if_stale: bool = False  # skip when OUT was made from the same source and options
     lock: str | None = None  # None, "auto" (.<out>.lock beside OUT) or a lock file path
@@ -70,6 +73,15 @@ class ConvertConfig:
             raise UsageError("--dequantize applies to --to hf only (other formats keep quantized weights)")
         if self.num_attention_heads is not None and self.num_attention_heads < 1:
             raise UsageError("--num-attention-heads must be positive")
+        if self.rope is not None and self.rope not in ROPE_MODES:
+            raise UsageError(f"--rope {self.rope!r}: choose {' or '.join(ROPE_MODES)}")
+        if self.merge_precision not in adapters.MERGE_PRECISIONS:
+            raise UsageError(f"--merge-precision {self.merge_precision!r}: choose full or quantized")
+        other = [k for k in ("preset", "num_attention_heads", "zero_master", "iteration", "dequantize")
+                 if getattr(self, k)] + ["to"] * (self.to != "glmctl") + ["tp"] * (self.tp not in (None, 1))
+        if self.merge_adapter and other:  # the merge writes a TP=1 glmctl checkpoint from a glmctl one
+            raise UsageError(f"--merge-adapter: drop --{other[0].replace('_', '-')} (convert the merged checkpoint "
+                             "afterwards)")
         parse_dtype(self.dtype)
         if Path(self.out).resolve() == Path(self.src).resolve():
             raise UsageError("OUT must differ from SRC")
@@ -91,11 +103,15 @@ class ConvertConfig:
 def run(config: ConvertConfig) -> StageResult:
     """Convert ``config.src`` into ``config.out``; the summary also goes into the manifest."""
     config.validate()
+    if config.merge_adapter:
+        return merge_adapter(config)
     src_path, out = Path(config.src), Path(config.out)
     with StageOutput("convert", out, lock=config.lock, if_stale=config.if_stale) as o, \
             formats.open_source(src_path, heads=config.num_attention_heads, preset=config.preset,
                                 zero_master=config.zero_master) as src:
         ids = attach_tokenizer(src, Path(config.tokenizer)) if config.tokenizer else {}
+        if config.rope:  # the output's mode, and the one both sides of --verify run (docs/glm130b.md §2.3)
+            src.cfg = src.cfg.replace(rope=config.rope)
         to_hf = config.to == "hf"
         if to_hf:
             hf.check_exportable(src.cfg, config.dequantize)
@@ -255,3 +271,49 @@ def verify_output(src: formats.Source, plan: Plan, out_dir: Path, config: Conver
     log(f"convert: verified: max logit difference {worst:.3g} ({detail}), tolerance {tol:.3g}")
     return {"max_logit_diff": worst, "per_mask": diffs, "tolerance": tol, "probe_tokens": {
         k: int(v[0].shape[1]) for k, v in probes.items()}}
+
+
+# ---- --merge-adapter ----------------------------------------------------------------------------
+def merge_adapter(config: ConvertConfig) -> StageResult:
+    """SRC with the LoRA adapter folded in -> OUT, a TP=1 glmctl checkpoint made by
+    glmctl.adapters.merged_model (as `finetune --merge`), in memory, not streamed. --verify (on
+    unless --no-verify) compares it with the unmerged SRC + adapter on the probes; a re-quantized
+    merge is only gated when --tolerance is given (re-quantizing moves the logits)."""
+    adapter = adapters.resolve_adapter_dir(config.merge_adapter)
+    inputs = [Path(config.src), adapter]
+    with StageOutput("convert", config.out, lock=config.lock, if_stale=config.if_stale) as o:
+        s = open_model(config.src, adapter=adapter, need_tokenizer=False)
+        src_tp = s.manifest.get("config", {}).get("model", {}).get("tensor_parallel_size", 1)
+        extra = {"convert": config.options(), "source": {"format": "glmctl", "tensor_parallel_size": src_tp}}
+        if o.up_to_date({"model": adapters.merged_config(s.model, config.merge_precision).to_dict(), **extra},
+                        inputs):
+            return o.result
+        merged = adapters.merged_model(s.model, config.merge_precision, parse_dtype(config.dtype), config.out).eval()
+        summary = {"source_format": "glmctl", "source": config.src, "source_tp": src_tp, "tp": 1,
+                   "format": "glmctl", "tensors": len(merged.state_dict()), "merged_adapter": str(adapter),
+                   "merge_precision": config.merge_precision, "quantization": merged.config.quantization}
+        if config.verify is not False:
+            summary["verify"] = verify_merge(s.model, merged, config)
+        log(f"convert: merged {adapter} into {config.src}")
+        save_model(merged, config.out, tokenizer=config.tokenizer or config.src, stage="convert",
+                   config_extra=extra, inputs=inputs, summary=summary, max_shard_bytes=config.max_shard_bytes())
+    return StageResult(summary=summary, out=Path(config.out))
+
+
+def verify_merge(adapted, merged, config: ConvertConfig) -> dict:
+    probes = probe_inputs(adapted.config, config.seed)
+    with torch.no_grad():
+        ref = {k: adapted(*p).float() for k, p in probes.items()}
+        diffs = {k: float((ref[k] - merged(*p).float()).abs().max()) for k, p in probes.items()}
+    scale = max(1.0, max(float(v.abs().max()) for v in ref.values()))
+    requantized = merged.config.quantization is not None and adapted.config.quantization is not None
+    dtypes = [m.transformer.final_layernorm.weight.dtype for m in (adapted, merged)]
+    tol = config.tolerance if config.tolerance is not None else \
+        None if requantized else auto_tolerance(*dtypes) * scale
+    worst = max(diffs.values())
+    if not math.isfinite(worst) or (tol is not None and worst > tol):
+        raise GlmctlError(f"verification failed: the merged model's logits differ from SRC + adapter by "
+                          f"{worst:.4g} (tolerance {tol}); nothing was written")
+    log(f"convert: merged logits vs SRC + adapter: max difference {worst:.3g}"
+        + (f", tolerance {tol:.3g}" if tol is not None else " (re-quantized: not gated)"))
+    return {"max_logit_diff": worst, "per_mask": diffs, "tolerance": tol}

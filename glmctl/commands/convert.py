@@ -18,6 +18,7 @@ EPILOG = (
     "  glmctl convert model model-sat --to sat\n\n"
     "  glmctl convert model model-hf --to hf --max-shard-size 5GB\n\n"
     "  glmctl convert model-hf model-back\n\n"
+    "  glmctl convert model-int4 model-ft --merge-adapter ft-lora --merge-precision quantized\n\n"
     + EXIT_CODES_HELP + " A failed --verify exits 1 and leaves no output."
 )
 
@@ -40,6 +41,9 @@ def convert_cmd(
                                                                     "lacks (head count, ids); must match its shapes."),
     num_attention_heads: Optional[int] = typer.Option(C.num_attention_heads, "--num-attention-heads",
                                                       help="Head count, when not given by --preset."),
+    rope: Optional[str] = typer.Option(C.rope, "--rope",
+                                       help="Rotary angles: exact (fp32; models trained with glmctl) or sat (SAT "
+                                            "0.2.x's rule; the default for SAT imports). Default: the source's."),
     tokenizer: Optional[Path] = typer.Option(C.tokenizer, "--tokenizer",
                                              help="Tokenizer (or checkpoint) directory to attach; its padded vocab "
                                                   "must match (and its ids a recorded config.json's)."),
@@ -58,6 +62,13 @@ def convert_cmd(
     dequantize: bool = typer.Option(C.dequantize, "--dequantize",
                                     help="--to hf from a quantized checkpoint: export W = q * scale as float weights "
                                          "(--dtype picks the precision); without it such a source is refused."),
+    merge_adapter: Optional[Path] = typer.Option(C.merge_adapter, "--merge-adapter",
+                                                 help="Fold this LoRA adapter (adapter dir or finetune run, made on "
+                                                      "SRC) into the weights: OUT is a TP=1 glmctl checkpoint "
+                                                      "(docs/finetune.md). Wrong base: exit 3."),
+    merge_precision: str = typer.Option(C.merge_precision, "--merge-precision",
+                                        help="--merge-adapter on an INT8/INT4 SRC: merge into a 'full'-precision "
+                                             "or re-'quantized' checkpoint."),
     iteration: Optional[str] = typer.Option(C.iteration, "--iteration", help="--to sat: the iteration written to "
                                                                              "`latest` (default: the source's, else "
                                                                              "'release')."),
@@ -70,9 +81,12 @@ def convert_cmd(
     """Convert a checkpoint between formats and tensor-parallel sizes, streaming, with a logits check."""
     result = run(C(
         src=str(src), out=str(out), tp=tp, to=to, dtype=dtype, preset=preset,
-        num_attention_heads=num_attention_heads, tokenizer=None if tokenizer is None else str(tokenizer),
+        num_attention_heads=num_attention_heads, rope=rope,
+        tokenizer=None if tokenizer is None else str(tokenizer),
         verify=verify, tolerance=tolerance, zero_master=zero_master, max_shard_size=max_shard_size,
-        iteration=iteration, dequantize=dequantize, if_stale=if_stale, lock="auto" if lock else None))
+        iteration=iteration, dequantize=dequantize,
+        merge_adapter=None if merge_adapter is None else str(merge_adapter), merge_precision=merge_precision,
+        if_stale=if_stale, lock="auto" if lock else None))
     if json_out:
         emit_json({"up_to_date": True, "out": str(out)} if result.up_to_date else {**result.summary, "out": str(out)})
         return
@@ -81,6 +95,10 @@ def convert_cmd(
         return
     summary = result.summary
     v = summary.get("verify")
+    if "merged_adapter" in summary:
+        check = f"max logit difference {v['max_logit_diff']:.3g} vs SRC + adapter" if v else "not verified"
+        print(f"{out}: {summary['merged_adapter']} merged into {src} ({summary['merge_precision']} precision); {check}")
+        return
     check = (f"max logit difference {v['max_logit_diff']:.3g} (tolerance {v['tolerance']:.3g})" if v
              else "not verified")
     q = summary.get("quantization")
