@@ -110,8 +110,9 @@ DEMO_PROMPTS    := "The Python interpreter" "中国人民" "The function returns
 FT_TASK         := glmctl/tasks/finetune/numerals_zh.yaml
 FT_FLAGS        ?= --data numerals_zh --seq-len 128 --micro-batch-size 16 --log-interval 20 --seed 1234
 FT_FULL_FLAGS   ?= --method full --steps 250 --lr 3e-3
-FT_LORA_FLAGS   ?= --method lora --steps 400 --lr 5e-3 --lora-rank 8 --lora-alpha 64 --warmup 0.1
-FT_PT_FLAGS     ?= --method ptuning --steps 400 --lr 1e-2 --prefix-length 16 --prefix-projection 256 --warmup 0.1
+FT_LORA_FLAGS   ?= --method lora --steps 300 --lr 5e-3 --lora-rank 8 --lora-alpha 64 --warmup 0.1 --train-tokens
+FT_PT_FLAGS     ?= --method ptuning --steps 400 --lr 1e-2 --prefix-length 16 --prefix-projection 256 --warmup 0.1 \
+                   --train-tokens
 FT_EVALS        := $(foreach r,base full lora ptuning int4 lora-int4,$(DEMO)/eval-numerals-$(r)/manifest.json)
 
 .PHONY: demo demo-clean

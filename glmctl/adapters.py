@@ -7,6 +7,7 @@ fp or quantized, P-tuning v2 prefixes, and the adapter directory (save, load, me
     save_adapter(glm, spec, base_dir, out)     # adapter_config.json + adapter.safetensors + manifest.json
     load_adapter(glm, adapter_dir, base_dir)   # wrong base (manifest hash, shapes) -> InputError (exit 3)
     merged_state_dict(glm, quantized=...)      # weights with the LoRA deltas folded in
+    merged_model(glm, precision="full")        # ... as a new GLM (finetune --merge, convert --merge-adapter)
 
 LoRA (y = x W^T + b + s * (x A^T) B^T, s = alpha / r, B = 0 at the start): a targeted layer becomes
 ``LoRAColumnParallelLinear`` / ``LoRARowParallelLinear``, the same layer with a ``lora`` submodule;
@@ -18,6 +19,12 @@ Quantized bases: the frozen int8 / INT4 weight stays packed and the forward is t
 (glmctl.kernels.quant_linear). The kernel has no autograd, so every quantized linear of a model that
 is trained (targeted or not: the gradient must reach earlier layers' adapters) computes through
 ``QuantMatmul``, whose backward is grad @ dequant(W): exact for the dequantized weight.
+
+Trainable LayerNorms (``AdapterSpec.norms``, `--train-norms`): every LayerNorm's gain and bias
+train as well (a few thousand numbers), are saved in adapter.safetensors under their own names,
+replace the base's on load and are part of a merged checkpoint. On a DeepNorm model each sublayer's
+output is added to alpha = sqrt(2N) times its normalized input, so the gains decide how much a
+(low-rank) change inside a sublayer moves the residual stream (bench/RESULTS.md).
 
 P-tuning v2: trainable keys and values for every layer (``PrefixEncoder``, optionally through a
 reparameterisation MLP), attended by every position. They enter through the network's KV cache: a
@@ -42,12 +49,14 @@ from torch import nn
 
 from glmctl import kernels
 from glmctl.artifacts import ArtifactWriter, atomic_write_json, manifest_hash
+from glmctl.checkpoint import model_from_state_dict
 from glmctl.errors import InputError
 from glmctl.model import GLM
 from glmctl.model import parallel as tp
-from glmctl.model.glm import KVCache
+from glmctl.model.glm import EMBEDDING_KEY, KVCache
 
-LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "word_embeddings")
+LINEAR_TARGETS = LORA_TARGETS[:4]
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 FORMAT = "glmctl-adapter"
@@ -59,7 +68,7 @@ class LoraSpec:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    targets: tuple[str, ...] = LINEAR_TARGETS
 
 
 @dataclass(frozen=True)
@@ -75,11 +84,14 @@ class AdapterSpec:
     prefix: PrefixSpec | None = None
     dtype: str = "fp32"
     seed: int = 1234
+    norms: bool = False  # the LayerNorms' gains and biases train too (saved in the adapter)
+    token_ids: tuple[int, ...] = ()  # embedding rows that train too (a delta per row, saved in the adapter)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "lora": asdict(self.lora) if self.lora else None,
-                "prefix": asdict(self.prefix) if self.prefix else None, "dtype": self.dtype, "seed": self.seed}
+                "prefix": asdict(self.prefix) if self.prefix else None, "dtype": self.dtype, "seed": self.seed,
+                "norms": self.norms, "token_ids": list(self.token_ids)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AdapterSpec":
@@ -88,7 +100,8 @@ class AdapterSpec:
             lora = LoraSpec(**{**lora, "targets": tuple(lora["targets"])})
         prefix = PrefixSpec(**d["prefix"]) if d.get("prefix") else None
         return cls(method=d["method"], lora=lora, prefix=prefix, dtype=d.get("dtype", "fp32"),
-                   seed=int(d.get("seed", 1234)))
+                   seed=int(d.get("seed", 1234)), norms=bool(d.get("norms", False)),
+                   token_ids=tuple(int(i) for i in d.get("token_ids") or ()))
 
 
 # ---- the quantized matmul with a gradient to its input ------------------------------------------
@@ -174,6 +187,47 @@ class LoRARowParallelLinear(tp.RowParallelLinear):
         return y + self.bias if self.bias is not None else y
 
 
+class TokenRows(nn.Module):
+    """Trainable rows of the embedding (peft's trainable tokens): ``delta`` [k, h] added to the
+    rows ``ids`` (AdapterSpec.token_ids; zero at the start). Under TP a rank adds the rows it holds."""
+
+    def __init__(self, ids, hidden: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=device), persistent=False)
+        self.delta = nn.Parameter(torch.zeros(len(ids), hidden, dtype=dtype, device=device))
+
+    def add_to(self, w: torch.Tensor, start: int) -> torch.Tensor:
+        local = self.ids - start
+        keep = (local >= 0) & (local < w.shape[0])
+        return w.index_add(0, local[keep], self.delta[keep].to(w.dtype))
+
+
+class LoRAVocabEmbedding(tp.VocabParallelEmbedding):
+    """The (tied) word embedding plus ``lora`` (A [r, V_local], this rank's vocabulary columns;
+    B [h, r]: E + s (B A)^T) and/or ``token_rows`` (TokenRows). ``weight`` is the adapted matrix
+    (computed on access, differentiable), so the lookup and the tied output layer (GLM.logits) both
+    see it, as they would a merged matrix; the stored parameter (state-dict name ``weight``) stays
+    the base's."""
+
+    @property
+    def weight(self):
+        w = self._parameters["weight"]
+        if self.lora is not None:
+            w = w + self.lora.delta().T.to(w.dtype)
+        return w if self.token_rows is None else self.token_rows.add_to(w, self.start)
+
+
+def _adapt_embedding(glm: GLM) -> LoRAVocabEmbedding:
+    emb = glm.transformer.word_embeddings
+    if type(emb) is not LoRAVocabEmbedding:
+        if type(emb) is not tp.VocabParallelEmbedding:
+            raise InputError("adapting the word embedding (LoRA on word_embeddings, trainable token rows) needs "
+                             "a floating-point embedding; this one is quantized")
+        emb.__class__ = LoRAVocabEmbedding
+        emb.lora = emb.token_rows = None
+    return emb
+
+
 def _adapt(layer, lora: LoRA | None):
     """Turn ``layer`` into its LoRA twin in place (same tensors and names, plus ``lora``)."""
     layer.__class__ = (LoRAColumnParallelLinear if isinstance(layer, tp.ColumnParallelLinear)
@@ -198,6 +252,17 @@ def add_lora(glm: GLM, spec: LoraSpec, seed: int, dtype=torch.float32) -> list[s
     by (seed, layer name), as peft does (Kaiming-uniform, bound 1/sqrt(in)), then sliced to this
     rank; B = 0. Returns the targeted layer names."""
     done = []
+    if "word_embeddings" in spec.targets:
+        emb = _adapt_embedding(glm)
+        name = "transformer.word_embeddings"
+        w = emb._parameters["weight"]
+        lora = LoRA(emb.vocab_local, w.shape[1], spec, dtype=dtype, device=w.device)
+        v_global = emb.vocab_local * tp.tp_size()
+        a = (torch.rand(spec.rank, v_global, generator=_seeded(seed, name), dtype=torch.float64) * 2 - 1)
+        with torch.no_grad():
+            lora.A.copy_((a / math.sqrt(v_global)).chunk(tp.tp_size(), dim=1)[tp.tp_rank()].to(dtype))
+        emb.lora = lora
+        done.append(name)
     for name, layer in linear_layers(glm):
         target = name.rsplit(".", 1)[-1] in spec.targets
         if not target:
@@ -310,7 +375,13 @@ def add_prefix(glm: GLM, spec: PrefixSpec, seed: int, dtype=torch.float32) -> Pr
 
 # ---- attaching, freezing, counting --------------------------------------------------------------
 def attach(glm: GLM, spec: AdapterSpec) -> None:
+    """Attach the adapter ``spec`` describes (untrained) to ``glm``; ``glm.adapter_spec`` records it."""
     dtype = ADAPTER_DTYPES[spec.dtype]
+    glm.adapter_spec = spec
+    if spec.token_ids:
+        emb = _adapt_embedding(glm)
+        emb.token_rows = TokenRows(spec.token_ids, emb._parameters["weight"].shape[1], dtype,
+                                   emb._parameters["weight"].device)
     if spec.method == "lora":
         add_lora(glm, spec.lora, spec.seed, dtype)
     elif spec.method == "ptuning":
@@ -323,17 +394,29 @@ def attach(glm: GLM, spec: AdapterSpec) -> None:
 
 
 def is_adapter_param(name: str) -> bool:
-    return ".lora." in name or name.startswith("prefix_encoder.")
+    """A parameter the adapter adds (LoRA A/B, the prefix encoder): not part of the base."""
+    return ".lora." in name or ".token_rows." in name or name.startswith("prefix_encoder.")
+
+
+def is_norm_param(name: str) -> bool:
+    return "layernorm." in name
+
+
+def trains(glm: GLM, name: str) -> bool:
+    """Whether the adapter attached to ``glm`` trains (and saves) parameter ``name``."""
+    spec = getattr(glm, "adapter_spec", None)
+    return is_adapter_param(name) or (spec is not None and spec.norms and is_norm_param(name))
 
 
 def freeze_base(glm: GLM) -> None:
-    """Every parameter but the adapters' stops receiving gradients."""
+    """Every parameter but the adapter's (and, with ``norms``, the LayerNorms) stops receiving gradients."""
     for name, p in glm.named_parameters():
-        p.requires_grad_(is_adapter_param(name))
+        p.requires_grad_(trains(glm, name))
 
 
 def adapter_state(glm: GLM) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in glm.named_parameters() if is_adapter_param(n)}
+    """The tensors an adapter directory stores: the adapter's, plus the LayerNorms with ``norms``."""
+    return {n: p for n, p in glm.named_parameters() if trains(glm, n)}
 
 
 # ---- the adapter directory ----------------------------------------------------------------------
@@ -352,6 +435,8 @@ def write_adapter_files(glm: GLM, spec: AdapterSpec, base: str | Path, directory
 
 def save_adapter(glm: GLM, spec: AdapterSpec, base: str | Path, out: str | Path, **writer) -> Path:
     """A complete adapter directory at ``out`` (manifest last)."""
+    writer = {"stage": "adapter", "config": {"adapter": spec.to_dict(), "base_manifest_sha256": manifest_hash(base)},
+              "inputs": [base], **writer}
     with ArtifactWriter(out, **writer) as w:
         write_adapter_files(glm, spec, base, w.path)
     return Path(out)
@@ -392,7 +477,8 @@ def _shard(name: str, t: torch.Tensor) -> torch.Tensor:
         return t
     if name.endswith("lora.B") and any(f".{k}.lora" in name for k in ("query_key_value", "dense_h_to_4h")):
         return t.chunk(tp.tp_size(), dim=0)[tp.tp_rank()]
-    if name.endswith("lora.A") and any(f".{k}.lora" in name for k in ("attention.dense", "dense_4h_to_h")):
+    if name.endswith("lora.A") and any(f".{k}.lora" in name for k in ("attention.dense", "dense_4h_to_h",
+                                                                       "word_embeddings")):
         return t.chunk(tp.tp_size(), dim=1)[tp.tp_rank()]
     return t
 
@@ -441,10 +527,17 @@ def merged_state_dict(glm: GLM, quantized: bool, dtype=None) -> tuple[dict, dict
 
     fp base: W + s B A in W's dtype. Quantized base: dequantize(W) + s B A, then re-quantized with
     the base's bits and group size (round to nearest, ``quantized=True``) or kept in full precision
-    (every tensor in ``dtype``, default that of the LayerNorms), which drops the quantization block."""
+    (every tensor in ``dtype``, default that of the LayerNorms), which drops the quantization block.
+    ``dtype`` given: every floating tensor but the quantization scales in it. Trained LayerNorms
+    (``norms``) are the model's own parameters, so they are in the result as they are."""
+    if getattr(glm, "prefix_encoder", None) is not None:
+        raise InputError("a P-tuning prefix cannot be folded into the weights (use the adapter with --adapter)")
     q = glm.config.quantization
     sd = {k: v.detach() for k, v in glm.state_dict().items() if not is_adapter_param(k)
           and not k.startswith("prefix_encoder.")}
+    emb = glm.transformer.word_embeddings
+    if isinstance(emb, LoRAVocabEmbedding):  # E + s (B A)^T + the token rows (LoRAVocabEmbedding.weight)
+        sd[EMBEDDING_KEY] = emb.weight.detach()
     for name, layer in linear_layers(glm):
         lora = getattr(layer, "lora", None)
         delta = lora.delta() if lora is not None else None
@@ -465,6 +558,33 @@ def merged_state_dict(glm: GLM, quantized: bool, dtype=None) -> tuple[dict, dict
             sd[f"{name}.weight"] = w
             del sd[f"{name}.weight_scale"]
     if q and not quantized:
+        emb = q.get("embedding")
+        if emb and f"{EMBEDDING_KEY}_scale" in sd:  # a quantized tied embedding: dequantized too
+            sd[EMBEDDING_KEY] = kernels.dequantize(sd[EMBEDDING_KEY], sd.pop(f"{EMBEDDING_KEY}_scale"),
+                                                   int(emb["bits"]), torch.float32)
         target = dtype or glm.transformer.final_layernorm.weight.dtype
         return {k: v.to(target) for k, v in sd.items()}, None
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("weight_scale") else v
+              for k, v in sd.items()}
     return sd, q
+
+
+MERGE_PRECISIONS = ("full", "quantized")
+
+
+def merged_model(glm: GLM, precision: str = "full", dtype=None, where: str = "merged model") -> GLM:
+    """A new GLM (TP = 1) with the LoRA update of ``glm`` folded in: what `finetune --merge` and
+    `convert --merge-adapter` write. ``precision`` matters for a quantized base only: "full" keeps
+    the merged weights in full precision, "quantized" re-quantizes them (merged_state_dict)."""
+    cfg = merged_config(glm, precision)
+    sd, _ = merged_state_dict(glm, quantized=precision == "quantized", dtype=dtype)
+    return model_from_state_dict(cfg, sd, where=where)
+
+
+def merged_config(glm: GLM, precision: str = "full"):
+    """The model config of ``merged_model(glm, precision)``, without merging."""
+    if precision not in MERGE_PRECISIONS:
+        raise ValueError(f"merge precision must be full or quantized, got {precision!r}")
+    q = glm.config.quantization if precision == "quantized" else None
+    return glm.config.replace(quantization=q, tensor_parallel_size=1)

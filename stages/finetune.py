@@ -29,14 +29,14 @@ from glmctl import finetune_data as fd
 from glmctl import finetune_tasks
 from glmctl import train_utils as tu
 from glmctl.artifacts import ArtifactWriter, manifest_hash
-from glmctl.checkpoint import model_from_state_dict, save_model
+from glmctl.checkpoint import save_model
 from glmctl.errors import EXIT_INTERRUPTED, GlmctlError, InputError, UsageError
 from glmctl.session import open_model
 from glmctl.stage import StageResult
 from glmctl.training import ModelWeights, Trainer, engine_problems, resume_point, run_loop
 
 METHODS = ("lora", "ptuning", "full")
-MERGE_PRECISIONS = ("full", "quantized")
+MERGE_PRECISIONS = adapters.MERGE_PRECISIONS
 DEFAULT_LR = {"lora": 2e-3, "ptuning": 1e-2, "full": 5e-4}
 
 
@@ -65,8 +65,10 @@ class FinetuneConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = adapters.LORA_TARGETS
+    lora_targets: tuple[str, ...] = adapters.LINEAR_TARGETS
     adapter_dtype: str = "fp32"
+    train_norms: bool = False  # adapters: the LayerNorms train too (saved in the adapter)
+    train_tokens: bool = False  # adapters: the embedding rows of the training data's tokens train too
     # P-tuning v2
     prefix_length: int = 16
     prefix_projection: int | None = None  # hidden size of the reparameterisation MLP
@@ -116,18 +118,23 @@ class FinetuneConfig:
             p.append(f"--lora-dropout must be within [0, 1), got {c.lora_dropout}")
         if c.method != "full" and (c.tensor_parallel > 1 or c.deepspeed):
             p.append("--tensor-parallel and DeepSpeed are for --method full; adapters train with data parallelism")
+        if (c.train_norms or c.train_tokens) and c.method == "full":
+            p.append("--train-norms / --train-tokens are for adapters (--method lora or ptuning); full fine-tuning "
+                     "trains every weight")
         if c.merge and c.method != "lora":
             p.append("--merge folds a LoRA update into the weights; it needs --method lora")
         if p:
             raise UsageError("; ".join(p))
 
-    def adapter_spec(self) -> adapters.AdapterSpec:
+    def adapter_spec(self, token_ids: tuple[int, ...] = ()) -> adapters.AdapterSpec:
+        """The adapter; ``token_ids``: the embedding rows that train (with --train-tokens)."""
+        common = dict(dtype=self.adapter_dtype, seed=self.seed, norms=self.train_norms, token_ids=token_ids)
         if self.method == "lora":
             return adapters.AdapterSpec("lora", lora=adapters.LoraSpec(self.lora_rank, self.lora_alpha,
                                                                         self.lora_dropout, tuple(self.lora_targets)),
-                                        dtype=self.adapter_dtype, seed=self.seed)
+                                        **common)
         return adapters.AdapterSpec("ptuning", prefix=adapters.PrefixSpec(self.prefix_length, self.prefix_projection),
-                                    dtype=self.adapter_dtype, seed=self.seed)
+                                    **common)
 
 
 class AdapterWeights:
@@ -221,7 +228,8 @@ def _finetune(c: FinetuneConfig, rt, builtin: bool, resume) -> StageResult:
     glm.use_fast_attention(True)
     spec = None
     if c.method != "full":
-        spec = c.adapter_spec()
+        rows = {x for prompt, target in train_items for x in prompt + target} | {ids["sop"], ids["eop"]}
+        spec = c.adapter_spec(tuple(sorted(rows)) if c.train_tokens else ())
         adapters.attach(glm, spec)
         adapters.freeze_base(glm)
     cc = dataclasses.replace(c, lr=c.lr or DEFAULT_LR[c.method])
@@ -249,9 +257,7 @@ def _merge(c: FinetuneConfig, glm, out: Path, inputs: list, rt) -> Path:
     """OUT/merged: the base with the LoRA update folded in (a quantized base: re-quantized, or in
     full precision, as --merge-precision says)."""
     if rt.rank == 0:
-        sd, q = adapters.merged_state_dict(glm, quantized=c.merge_precision == "quantized")
-        cfg = glm.config.replace(quantization=q, tensor_parallel_size=1)
-        model = model_from_state_dict(cfg, sd, where=str(out))
+        model = adapters.merged_model(glm, c.merge_precision, where=str(out))
         save_model(model, out, tokenizer=c.base, stage="finetune-merge", inputs=inputs,
                    config_extra={"merge": {"adapter": str(Path(c.out) / tu.FINAL), "precision": c.merge_precision}})
         console.log(f"merged the LoRA update into {out}")

@@ -61,8 +61,15 @@ def finetune_cmd(
                                                                         "alpha / r)."),
     lora_dropout: float = typer.Option(C.lora_dropout, "--lora-dropout", help="Dropout on the LoRA input."),
     lora_targets: str = typer.Option(",".join(C.lora_targets), "--lora-targets",
-                                     help="Comma-separated: query_key_value, dense, dense_h_to_4h, dense_4h_to_h."),
+                                     help="Comma-separated: query_key_value, dense, dense_h_to_4h, dense_4h_to_h, "
+                                          "word_embeddings (the tied embedding / output matrix)."),
     adapter_dtype: str = typer.Option(C.adapter_dtype, "--adapter-dtype", help="fp32 or bf16 adapter weights."),
+    train_norms: bool = typer.Option(C.train_norms, "--train-norms",
+                                     help="LoRA / P-tuning: the LayerNorms' gains and biases train too (saved in "
+                                          "the adapter, applied on load and merge)."),
+    train_tokens: bool = typer.Option(C.train_tokens, "--train-tokens",
+                                      help="LoRA / P-tuning: the (tied) embedding rows of the tokens in the training "
+                                           "data train too (a delta per row, saved in the adapter)."),
     prefix_length: int = typer.Option(C.prefix_length, "--prefix-length", help="P-tuning v2 prefix tokens."),
     prefix_projection: Optional[int] = typer.Option(C.prefix_projection, "--prefix-projection",
                                                     help="Reparameterise the prefix through an MLP of this width."),
@@ -100,7 +107,8 @@ def finetune_cmd(
             micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, seq_len=seq_len,
             precision=precision, dropout=dropout, lora_rank=lora_rank, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),
-            adapter_dtype=adapter_dtype, prefix_length=prefix_length, prefix_projection=prefix_projection,
+            adapter_dtype=adapter_dtype, train_norms=train_norms, train_tokens=train_tokens,
+            prefix_length=prefix_length, prefix_projection=prefix_projection,
             merge=merge, merge_precision=merge_precision, zero_stage=zero_stage,
             deepspeed_config=opt(deepspeed_config), tensor_parallel=tensor_parallel, save_interval=save_interval,
             keep=keep, eval_interval=eval_interval, log_interval=log_interval, resume=resume, max_wall_time=wall,
