@@ -540,8 +540,10 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
 // A decode step is a GEMV: every weight byte is read once and used m times, so its speed is the
 // memory bandwidth one gets.  MKL's sgemv reaches about half of a plain streaming read on the
 // AMD EPYC of the bench machine and does not gain from a second thread (bench/RESULTS.md, issue
-// 20).  This kernel streams two weight rows at a time with 8 independent FMA chains and splits
-// the rows evenly over torch's OpenMP threads, one contiguous range per thread.
+// 20).  This kernel streams two weight rows at a time with 8 independent FMA chains (m = 2..4),
+// or eight rows at a time at m = 1 (19 GB/s on one core against 13 with row pairs:
+// bench/RESULTS.md), and splits the rows evenly over torch's OpenMP threads, one contiguous range
+// per thread.
 #if GLMCTL_X86
 template <int MB>
 GLMCTL_AVX2 void dense_rows_avx2(const float* x, int64_t k, const float* w0, const float* w1, float* res) {
@@ -574,6 +576,27 @@ GLMCTL_AVX2 void dense_rows_avx2(const float* x, int64_t k, const float* w0, con
     res[i * 2 + 1] = v1;
   }
 }
+
+// m = 1 (batch-1 decode): R rows at a time, R weight streams in flight (more loads outstanding
+// per core than the row pair above), one FMA chain per row and half of each 16-column step.
+template <int R>
+GLMCTL_AVX2 void dense_rowsR_avx2(const float* x, int64_t k, const float* w, float* res) {
+  __m256 a[R];
+  for (int j = 0; j < R; ++j) a[j] = _mm256_setzero_ps();
+  const int64_t kf = k & ~int64_t(15);
+  for (int64_t c = 0; c < kf; c += 16) {
+    const __m256 xa = _mm256_loadu_ps(x + c), xb = _mm256_loadu_ps(x + c + 8);
+    for (int j = 0; j < R; ++j) {
+      a[j] = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w + j * k + c), a[j]);
+      a[j] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + j * k + c + 8), a[j]);
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    float v = hsum256(a[j]);
+    for (int64_t c = kf; c < k; ++c) v += x[c] * w[j * k + c];
+    res[j] = v;
+  }
+}
 #endif
 
 constexpr int64_t kDenseMaxM = 4;  // m above which at::linear (MKL sgemm) is used
@@ -602,6 +625,24 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   const float* wp = wc.data_ptr<float>();
   const float* bp = has_bias ? bc.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
+  constexpr int R = 8;
+  if (m == 1 && n >= R) {  // batch-1 decode: blocks of R rows, then the last n % R rows one by one
+    const int64_t nquads = n / R;
+    const int64_t grain = std::max<int64_t>(1, nquads / std::max<int64_t>(1, at::get_num_threads()));
+    at::parallel_for(0, nquads, grain, [&](int64_t b0, int64_t b1) {
+      float res[R];
+      for (int64_t b = b0; b < b1; ++b) {
+        dense_rowsR_avx2<R>(xp, k, wp + R * b * k, res);
+        for (int j = 0; j < R; ++j) op[R * b + j] = res[j] + (bp ? bp[R * b + j] : 0.f);
+      }
+    });
+    for (int64_t r = R * nquads; r < n; ++r) {
+      float res[2];
+      dense_rows_avx2<1>(xp, k, wp + r * k, wp + r * k, res);
+      op[r] = res[0] + (bp ? bp[r] : 0.f);
+    }
+    return out.reshape(out_shape);
+  }
   const int64_t npairs = (n + 1) / 2;
   // One even, contiguous range per thread (the rows are equally expensive).
   const int64_t grain = std::max<int64_t>(1, npairs / std::max<int64_t>(1, at::get_num_threads()));
