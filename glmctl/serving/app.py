@@ -172,7 +172,7 @@ def _unsupported(b: CompletionBody) -> None:
 class _Run:
     """The jobs of one HTTP request and the events the engine sends back for them."""
 
-    def __init__(self, state: ServeState, engine: Engine, jobs: list[Job], prompt_tokens: int):
+    def __init__(self, state: ServeState, engine: Engine, jobs: list[Job], prompt_tokens: int, stream: bool):
         self.state, self.engine, self.jobs = state, engine, jobs
         self.prompt_tokens = prompt_tokens
         self.index = {j.id: i for i, j in enumerate(jobs)}
@@ -180,9 +180,18 @@ class _Run:
         self.unfinished = set(self.index)
         self.deadline = None if state.request_timeout is None else time.monotonic() + state.request_timeout
         loop = asyncio.get_running_loop()
+        held: dict[int, list[str]] = {}  # not streamed: text deltas kept on the engine's side until the end
+
+        def post(job_id, event):
+            loop.call_soon_threadsafe(self.queue.put_nowait, (self.index[job_id], job_id, event))
 
         def sink(job_id, event):  # the engine thread
-            loop.call_soon_threadsafe(self.queue.put_nowait, (self.index[job_id], job_id, event))
+            if not stream and event[0] == "delta":  # waking the event loop for every token costs ~1 ms
+                held.setdefault(job_id, []).append(event[1])
+                return
+            if held.get(job_id):
+                post(job_id, ("delta", "".join(held.pop(job_id))))
+            post(job_id, event)
         try:
             engine.submit(jobs, sink)
         except QueueFull as e:
@@ -262,7 +271,7 @@ async def completions(request: Request) -> Response:
     if len(stop) > 4:
         raise APIError(400, "stop: at most 4 sequences", code="invalid_value", param="stop")
     jobs, lens = _jobs(state, engine, b, prompts, b.n, gen, stop, record=True)
-    run = _Run(state, engine, jobs, sum(lens))
+    run = _Run(state, engine, jobs, sum(lens), stream=b.stream)
     state.metrics.tokens(sum(lens), 0)
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": state.model_name}
@@ -321,7 +330,7 @@ async def fill(request: Request) -> Response:
         raise APIError(400, "prompt: an empty list", code="invalid_value", param="prompt")
     gen = _generation(b, state.max_new_tokens_limit)
     jobs, lens = _jobs(state, engine, b, prompts, 1, gen, (), record=True)
-    run = _Run(state, engine, jobs, sum(lens))
+    run = _Run(state, engine, jobs, sum(lens), stream=False)
     state.metrics.tokens(sum(lens), 0)
     fins: list[Finished | None] = [None] * len(jobs)
     async for i, ev in run.events(request):
