@@ -432,8 +432,23 @@ class GLM(nn.Module):
     def decode_step(self, tokens, position_ids, attention_mask, kv_cache, **kw):
         """One decoding step: ``self(...)``, compiled when ``compile_decode`` asked for it."""
         step = self.__dict__["_compiled_step"]
-        step = self if step is None else step
-        return step(tokens, position_ids, attention_mask, kv_cache=kv_cache, **kw)
+        if step is None:
+            return self(tokens, position_ids, attention_mask, kv_cache=kv_cache, **kw)
+        # The mask and its kernel are prepared here, eagerly: the picker's shape buckets are
+        # Python ints of the cached length, and tracing them would recompile at every step.
+        return step(tokens, position_ids, self.attention_mask(attention_mask, tokens.shape, kv_cache), kv_cache=kv_cache,
+                    **kw)
+
+    def attention_mask(self, blocked: torch.Tensor, shape, kv_cache) -> "AttentionMask | torch.Tensor":
+        """An inference forward's mask with a KV cache, prepared once for every layer: the bool
+        mask [b, (1,) s, t] and the attention kernel for this step's shape (``_decode_attention``)."""
+        if isinstance(blocked, AttentionMask) or kv_cache is None or torch.is_grad_enabled() or not self.transformer.layers:
+            return blocked
+        if blocked.dim() == 3:
+            blocked = blocked.unsqueeze(1)
+        dtype = self.transformer.final_layernorm.weight.dtype
+        return AttentionMask(blocked, self._decode_attention(shape[0], shape[1], kv_cache.length, dtype, blocked.device),
+                             dtype)
 
     def use_fast_attention(self, enabled: bool = True) -> "GLM":
         """Switch every layer to F.scaled_dot_product_attention (SelfAttention._sdpa) or back."""
@@ -464,10 +479,9 @@ class GLM(nn.Module):
             h = h * a + h.detach() * (1.0 - a)
         h = self.transformer.embedding_dropout(h)
         cos, sin = self.rope(position_ids, h.dtype)
-        if attention_mask.dim() == 3:
+        attention_mask = self.attention_mask(attention_mask, tokens.shape, kv_cache)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 3:
             attention_mask = attention_mask.unsqueeze(1)
-        if kv_cache is not None and not torch.is_grad_enabled() and self.transformer.layers:
-            attention_mask = AttentionMask(attention_mask, self._decode_attention(h, kv_cache.length), h.dtype)
         for layer in self.transformer.layers:
             if self.activation_checkpointing and self.training:
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attention_mask, kv_cache,
@@ -487,7 +501,7 @@ class GLM(nn.Module):
             h = h.to(self.transformer.final_layernorm.weight.dtype)
         return h
 
-    def _decode_attention(self, h: torch.Tensor, cached: int) -> str:
+    def _decode_attention(self, b: int, s: int, cached: int, dtype, device) -> str:
         """The attention kernel of this inference forward: ``decode_attention``, or when "auto"
         the one ``attention_picker`` measured faster for this shape; a model switched to fast
         attention (``use_fast_attention``) keeps SDPA."""
@@ -496,8 +510,7 @@ class GLM(nn.Module):
             return "sdpa"
         if self.decode_attention != "auto":
             return self.decode_attention
-        b, s = h.shape[:2]
-        return self.attention_picker.pick(b, att.heads_local, s, cached + s, att.head_dim, h.dtype, h.device)
+        return self.attention_picker.pick(b, att.heads_local, s, cached + s, att.head_dim, dtype, device)
 
     def logits(self, hidden: torch.Tensor, parallel_output: bool = False) -> torch.Tensor:
         """The output layer, tied to the word embedding (docs/glm130b.md §2.5): hidden [..., h] ->
