@@ -178,13 +178,15 @@ def _dense_available() -> bool:
 def dense_linear(x, weight, bias=None):
     """y = x W^T + b for a floating-point weight, as ``F.linear``.
 
-    In inference (no autograd) on the CPU with fp32 tensors and at most 4 rows of x (a decode
-    step), the C++ GEMV kernel: weight rows split evenly over torch's threads, streamed two at
-    a time (MKL's sgemv reads the weight at about half the streaming bandwidth on the bench's AMD
-    CPU and gains nothing from a second thread; bench/RESULTS.md). Everything else: ``F.linear``.
+    In inference (no autograd) on the CPU with fp32 tensors and at most 8 rows of x (a decode
+    step of up to 8 sequences), the C++ kernel: weight rows split evenly over torch's threads,
+    8 rows in flight at m = 1 and 4 x 2 register tiles at m = 2..8 (MKL's sgemv reads the weight
+    at about half the streaming bandwidth on the bench's AMD CPU and gains nothing from a second
+    thread, its sgemm at m = 8 streams an uncached weight at ~6 GB/s; bench/RESULTS.md).
+    Everything else: ``F.linear``.
     """
     if (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and x.numel() <= 4 * x.shape[-1] and _dense_available()):
+            and weight.dtype == torch.float32 and x.numel() <= 8 * x.shape[-1] and _dense_available()):
         return torch.ops.glmctl.dense_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 

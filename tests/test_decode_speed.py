@@ -188,7 +188,9 @@ def test_joined_requests_decode_as_alone(model):
 
 def test_dense_linear_matches_float64():
     g = torch.Generator().manual_seed(0)
-    for m, n, k in ((1, 37, 53), (1, 4, 16), (1, 7, 768), (1, 3, 8), (3, 64, 768), (4, 9, 16), (6, 10, 12)):
+    # m = 1 (8-row blocks + a tail), m = 2..8 (4 x 2 tiles + a tail of rows and columns), m > 8 (at::mm)
+    for m, n, k in ((1, 37, 53), (1, 4, 16), (1, 7, 768), (1, 3, 8), (2, 5, 9), (3, 64, 768), (4, 9, 16),
+                    (5, 13, 100), (6, 10, 12), (7, 1, 33), (8, 66, 2048), (8, 3, 7), (9, 10, 12)):
         x, w, b = (torch.randn(*s, generator=g) for s in ((m, k), (n, k), (n,)))
         want = x.double() @ w.double().t() + b.double()
         with torch.inference_mode():

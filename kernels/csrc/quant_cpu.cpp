@@ -539,46 +539,14 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
 // ---- fp32 linear for small m (decode): y = x W^T + b, W fp32 [n, k] --------------------------
 // A decode step is a GEMV: every weight byte is read once and used m times, so its speed is the
 // memory bandwidth one gets.  MKL's sgemv reaches about half of a plain streaming read on the
-// AMD EPYC of the bench machine and does not gain from a second thread (bench/RESULTS.md, issue
-// 20).  This kernel streams two weight rows at a time with 8 independent FMA chains (m = 2..4),
-// or eight rows at a time at m = 1 (19 GB/s on one core against 13 with row pairs:
-// bench/RESULTS.md), and splits the rows evenly over torch's OpenMP threads, one contiguous range
-// per thread.
+// AMD EPYC of the bench machine and does not gain from a second thread, and its sgemm at m = 8
+// streams a weight that is not in the cache at ~6 GB/s (bench/RESULTS.md, issue 20).  This kernel
+// streams eight weight rows at a time at m = 1 (19-21 GB/s on one core, about a plain read's
+// ceiling) and 4 x 2 tiles (4 weight rows, 2 rows of x) at m = 2..8, and splits the rows evenly
+// over torch's OpenMP threads, one contiguous range per thread.
 #if GLMCTL_X86
-template <int MB>
-GLMCTL_AVX2 void dense_rows_avx2(const float* x, int64_t k, const float* w0, const float* w1, float* res) {
-  __m256 a[2][MB][2];
-  for (int j = 0; j < 2; ++j)
-    for (int i = 0; i < MB; ++i) a[j][i][0] = a[j][i][1] = _mm256_setzero_ps();
-  const int64_t kf = k & ~int64_t(15);
-  for (int64_t c = 0; c < kf; c += 16) {
-    // Software prefetch one row pair ahead (rows are contiguous: the stream is sequential).
-    _mm_prefetch(reinterpret_cast<const char*>(w1 + k + c), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w1 + 2 * k + c), _MM_HINT_T0);
-    const __m256 w0a = _mm256_loadu_ps(w0 + c), w0b = _mm256_loadu_ps(w0 + c + 8);
-    const __m256 w1a = _mm256_loadu_ps(w1 + c), w1b = _mm256_loadu_ps(w1 + c + 8);
-    for (int i = 0; i < MB; ++i) {
-      const __m256 xa = _mm256_loadu_ps(x + i * k + c), xb = _mm256_loadu_ps(x + i * k + c + 8);
-      a[0][i][0] = _mm256_fmadd_ps(xa, w0a, a[0][i][0]);
-      a[0][i][1] = _mm256_fmadd_ps(xb, w0b, a[0][i][1]);
-      a[1][i][0] = _mm256_fmadd_ps(xa, w1a, a[1][i][0]);
-      a[1][i][1] = _mm256_fmadd_ps(xb, w1b, a[1][i][1]);
-    }
-  }
-  for (int i = 0; i < MB; ++i) {
-    float v0 = hsum256(_mm256_add_ps(a[0][i][0], a[0][i][1]));
-    float v1 = hsum256(_mm256_add_ps(a[1][i][0], a[1][i][1]));
-    for (int64_t c = kf; c < k; ++c) {
-      v0 += x[i * k + c] * w0[c];
-      v1 += x[i * k + c] * w1[c];
-    }
-    res[i * 2] = v0;
-    res[i * 2 + 1] = v1;
-  }
-}
-
-// m = 1 (batch-1 decode): R rows at a time, R weight streams in flight (more loads outstanding
-// per core than the row pair above), one FMA chain per row and half of each 16-column step.
+// m = 1 (batch-1 decode): R rows at a time, R weight streams in flight, one FMA chain per row and
+// half of each 16-column step.
 template <int R>
 GLMCTL_AVX2 void dense_rowsR_avx2(const float* x, int64_t k, const float* w, float* res) {
   __m256 a[R];
@@ -597,9 +565,37 @@ GLMCTL_AVX2 void dense_rowsR_avx2(const float* x, int64_t k, const float* w, flo
     res[j] = v;
   }
 }
+
+// m = 2..8 (a batch of decode rows): a tile of RW weight rows x MB rows of x, one FMA chain per
+// pair, 8 columns per step (at 4 x 2: 8 accumulators + 4 weight + 1 x registers, no spills). The
+// rows of x go in groups of MB: the first group reads the RW weight rows from memory (and
+// prefetches the next RW, PF), the others from L1/L2. Also the tail rows (RW = 1).
+template <int RW, int MB, bool PF = false>
+GLMCTL_AVX2 void dense_tile_avx2(const float* x, int64_t k, const float* w, float* res) {
+  __m256 a[RW][MB];
+  for (int j = 0; j < RW; ++j)
+    for (int i = 0; i < MB; ++i) a[j][i] = _mm256_setzero_ps();
+  const int64_t kf = k & ~int64_t(7);
+  for (int64_t c = 0; c < kf; c += 8) {
+    if (PF && (c & 15) == 0)
+      for (int j = 0; j < RW; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (RW + j) * k + c), _MM_HINT_T0);
+    __m256 wv[RW];
+    for (int j = 0; j < RW; ++j) wv[j] = _mm256_loadu_ps(w + j * k + c);
+    for (int i = 0; i < MB; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * k + c);
+      for (int j = 0; j < RW; ++j) a[j][i] = _mm256_fmadd_ps(xv, wv[j], a[j][i]);
+    }
+  }
+  for (int j = 0; j < RW; ++j)
+    for (int i = 0; i < MB; ++i) {
+      float v = hsum256(a[j][i]);
+      for (int64_t c = kf; c < k; ++c) v += x[i * k + c] * w[j * k + c];
+      res[i * RW + j] = v;
+    }
+}
 #endif
 
-constexpr int64_t kDenseMaxM = 4;  // m above which at::linear (MKL sgemm) is used
+constexpr int64_t kDenseMaxM = 8;  // m above which at::linear (MKL sgemm) is used
 
 at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "glmctl::dense_linear (CPU): tensors must be on the CPU");
@@ -637,34 +633,35 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
       }
     });
     for (int64_t r = R * nquads; r < n; ++r) {
-      float res[2];
-      dense_rows_avx2<1>(xp, k, wp + r * k, wp + r * k, res);
+      float res[1];
+      dense_tile_avx2<1, 1>(xp, k, wp + r * k, res);
       op[r] = res[0] + (bp ? bp[r] : 0.f);
     }
     return out.reshape(out_shape);
   }
-  const int64_t npairs = (n + 1) / 2;
-  // One even, contiguous range per thread (the rows are equally expensive).
-  const int64_t grain = std::max<int64_t>(1, npairs / std::max<int64_t>(1, at::get_num_threads()));
-  at::parallel_for(0, npairs, grain, [&](int64_t b0, int64_t b1) {
-    float res[2 * kDenseMaxM];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = 2 * b;
-      const int64_t r1 = std::min<int64_t>(r0 + 1, n - 1);  // odd n: the last row twice
-      const float* w0 = wp + r0 * k;
-      const float* w1 = wp + r1 * k;
-      switch (m) {
-        case 1: dense_rows_avx2<1>(xp, k, w0, w1, res); break;
-        case 2: dense_rows_avx2<2>(xp, k, w0, w1, res); break;
-        case 3: dense_rows_avx2<3>(xp, k, w0, w1, res); break;
-        default: dense_rows_avx2<4>(xp, k, w0, w1, res); break;
+  constexpr int RW = 4, XB = 2;  // weight rows x rows of x per tile
+  const int64_t nblk = n / RW;
+  const int64_t grain = std::max<int64_t>(1, nblk / std::max<int64_t>(1, at::get_num_threads()));
+  auto tile = [&](const float* w, int64_t r0, int rows_w) {
+    float res[RW * XB];
+    for (int64_t i0 = 0; i0 < m; i0 += XB) {
+      const float* xg = xp + i0 * k;
+      const int mb = static_cast<int>(std::min<int64_t>(XB, m - i0));
+      if (rows_w == RW) {
+        if (mb == 2) i0 ? dense_tile_avx2<RW, 2>(xg, k, w, res) : dense_tile_avx2<RW, 2, true>(xg, k, w, res);
+        else i0 ? dense_tile_avx2<RW, 1>(xg, k, w, res) : dense_tile_avx2<RW, 1, true>(xg, k, w, res);
+      } else {
+        if (mb == 2) dense_tile_avx2<1, 2>(xg, k, w, res);
+        else dense_tile_avx2<1, 1>(xg, k, w, res);
       }
-      for (int64_t i = 0; i < m; ++i) {
-        op[i * n + r0] = res[i * 2] + (bp ? bp[r0] : 0.f);
-        if (r1 != r0) op[i * n + r1] = res[i * 2 + 1] + (bp ? bp[r1] : 0.f);
-      }
+      for (int i = 0; i < mb; ++i)
+        for (int j = 0; j < rows_w; ++j) op[(i0 + i) * n + r0 + j] = res[i * rows_w + j] + (bp ? bp[r0 + j] : 0.f);
     }
+  };
+  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) tile(wp + RW * b * k, RW * b, RW);
   });
+  for (int64_t r = RW * nblk; r < n; ++r) tile(wp + r * k, r, 1);
   return out.reshape(out_shape);
 #else
   return at::mm(x2d, weight.t()).reshape(out_shape);
