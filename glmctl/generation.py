@@ -513,7 +513,10 @@ class DecodeBatch:
             raise ValueError("a P-tuned model decodes requests of different lengths only when they join together")
         T = max(old_cols, new_cols)
         R_old = old.k[0].shape[0] if old is not None else 0
-        cache = self.model.new_static_kv_cache(R_old + valid.shape[0], T + self._room() + 1)
+        # uninitialised: below T every column is copied or zeroed here (padding must hold zeros, not
+        # stale NaNs: a blocked key's weight is exactly 0, but 0 * NaN is not); above T a step writes
+        # each column before any row reads it
+        cache = self.model.new_static_kv_cache(R_old + valid.shape[0], T + self._room() + 1, zeros=False)
         cache.prefix_length = p
         blocked = torch.zeros(R_old + valid.shape[0], cache.capacity, dtype=torch.bool, device=self.device)
         blocked[:, :T] = True
@@ -521,7 +524,9 @@ class DecodeBatch:
             for dst, src_old, src_new in ((cache.k[layer], old and old.keys[layer], pre.keys[layer]),
                                           (cache.v[layer], old and old.values[layer], pre.values[layer])):
                 if old is not None:
+                    dst[:R_old, :, :T - old_cols].zero_()
                     dst[:R_old, :, T - old_cols:T] = src_old
+                dst[R_old:, :, :T - new_cols].zero_()
                 dst[R_old:, :, T - new_cols:T] = src_new
         if old is not None:
             blocked[:R_old, T - old_cols:T] = self.blocked[:, old.start:old.start + old_cols]

@@ -165,9 +165,20 @@ def test_static_cache_reorder_moves_rows(model):
     assert torch.equal(c.keys[2], k[[2]]) and c.k[0].shape[0] == 1
 
 
-def test_joined_requests_decode_as_alone(model):
+def test_joined_requests_decode_as_alone(model, monkeypatch):
     """Continuous batching on the static cache: a request joining mid-way (a longer and a shorter
-    context) decodes what it decodes alone, and the running one is undisturbed."""
+    context) decodes what it decodes alone, and the running one is undisturbed. The caches a join
+    allocates uninitialised are filled with NaN here: no step may read a column it did not write."""
+    allocate = StaticKVCache.allocate.__func__
+
+    def poisoned(cls, num_layers, batch, heads, capacity, head_dim, dtype, device, start=0, zeros=True):
+        c = allocate(cls, num_layers, batch, heads, capacity, head_dim, dtype, device, start, zeros)
+        if not zeros:
+            for t in c.k + c.v:
+                t.fill_(float("nan"))
+        return c
+
+    monkeypatch.setattr(StaticKVCache, "allocate", classmethod(poisoned))
     gen = GenerationConfig(max_new_tokens=8, end_token_ids=())
     reqs = [span_request(prepare_prompt(p, IDS), G, IDS) for p in ([3, 4, 5], [60, 61, 62, 63, 64, 65, 66, 67])]
 

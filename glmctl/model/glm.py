@@ -100,10 +100,13 @@ class StaticKVCache:
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, heads: int, capacity: int, head_dim: int, dtype, device,
-                 start: int = 0) -> "StaticKVCache":
+                 start: int = 0, zeros: bool = True) -> "StaticKVCache":
+        """``zeros=False`` leaves the buffers uninitialised: the caller writes or zeroes every column
+        below ``start``, and a column at or above it is read only after a step wrote it."""
+        new = torch.zeros if zeros else torch.empty
         z = dict(dtype=dtype, device=device)
-        return cls([torch.zeros(batch, heads, capacity, head_dim, **z) for _ in range(num_layers)],
-                   [torch.zeros(batch, heads, capacity, head_dim, **z) for _ in range(num_layers)], start, start)
+        return cls([new(batch, heads, capacity, head_dim, **z) for _ in range(num_layers)],
+                   [new(batch, heads, capacity, head_dim, **z) for _ in range(num_layers)], start, start)
 
     @property
     def capacity(self) -> int:
@@ -464,12 +467,13 @@ class GLM(nn.Module):
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)
 
-    def new_static_kv_cache(self, batch: int, capacity: int, start: int = 0) -> StaticKVCache:
-        """A preallocated decode cache for ``batch`` rows and ``capacity`` columns, filled from ``start``."""
+    def new_static_kv_cache(self, batch: int, capacity: int, start: int = 0, zeros: bool = True) -> StaticKVCache:
+        """A preallocated decode cache for ``batch`` rows and ``capacity`` columns, filled from ``start``
+        (``StaticKVCache.allocate``)."""
         ln = self.transformer.final_layernorm.weight
         return StaticKVCache.allocate(self.config.num_layers, batch, self.transformer.layers[0].attention.heads_local
                                       if len(self.transformer.layers) else 0, capacity, self.config.head_dim,
-                                      ln.dtype, ln.device, start)
+                                      ln.dtype, ln.device, start, zeros)
 
     def forward(self, tokens, position_ids, attention_mask, kv_cache: KVCache | None = None,
                 parallel_output: bool = False, return_hidden: bool = False):
