@@ -7,7 +7,11 @@ Builds one fp32 block with GLM-130B's shapes (hidden 12,288, 96 heads, GeGLU inn
 weights), runs GPTQ INT4 (groups of 1024, act order, as bench/glm130b_rehearsal.py's gptq-layer
 step) over random calibration states, then propagates them through the quantized block, and
 prints VmHWM (peak RSS) after each phase next to the issue's target (one layer fp32 +
-calibration activations + 1 GB).
+calibration activations + 1 GB). Per linear, gptq_layer first captures its inputs (a forward per
+window, the finished linears rebuilt from their codes for it: phase "inputs of (n, k)"), then
+releases the finished linears and builds the Hessian from the captured inputs (phase "H (k x k)
+built", taken before it is factored, with the fp32 weight bytes the block still holds then: for
+dense_4h_to_h its own weight alone; docs/quantize.md, "Memory"), then quantizes ("GPTQ (n, k)").
 
 Without ``--lapack`` the three LAPACK calls of the inverse-Hessian factoring (cholesky,
 cholesky_inverse, cholesky upper) are replaced by in-place no-ops: at k = 32,768 they alone take
@@ -101,6 +105,23 @@ def main() -> None:
                        "s": time.perf_counter() - t0})
         return r
     G.gptq_quantize = traced
+    factor = G._inverse_cholesky_
+
+    def factor_traced(H, d, perm=None):
+        held = sum(p.untyped_storage().nbytes() for n, p in layer.named_parameters() if n.endswith(".weight")
+                   and p.dim() == 2)
+        phases.append({"phase": f"H {tuple(H.shape)} built", "rss": status("VmRSS"), "hwm": status("VmHWM"),
+                       "s": time.perf_counter() - t0, "weights_held": held})
+        return factor(H, d, perm)
+    G._inverse_cholesky_ = factor_traced
+    capture = G._capture_inputs
+
+    def capture_traced(blk, linear, *args):
+        r = capture(blk, linear, *args)
+        phases.append({"phase": f"inputs of {tuple(linear.weight.shape)}", "rss": status("VmRSS"),
+                       "hwm": status("VmHWM"), "s": time.perf_counter() - t0})
+        return r
+    G._capture_inputs = capture_traced
     res = G.gptq_layer(layer, hidden, rest, 4, 1024, block_size=128, damp=0.01, act_order=True)
     with torch.no_grad():
         nxt = [layer(x, c, sn, m, None) for x, (c, sn, m) in zip(hidden, rest)]
@@ -112,7 +133,8 @@ def main() -> None:
            "codes_bytes": sum(r.qweight.numel() * r.qweight.element_size() for r in res.values()),
            "target_bytes": target, "peak_rss_bytes": status("VmHWM"), "phases": phases, "outputs": len(nxt)}
     for p in phases:
-        print(f"{p['phase']:>28s}: RSS {p['rss'] / GB:6.2f} GB, peak {p['hwm'] / GB:6.2f} GB  ({p['s']:.0f} s)")
+        held = f", linear weights held {p['weights_held'] / GB:.2f} GB" if "weights_held" in p else ""
+        print(f"{p['phase']:>28s}: RSS {p['rss'] / GB:6.2f} GB, peak {p['hwm'] / GB:6.2f} GB  ({p['s']:.0f} s){held}")
     print(f"layer fp32 {layer_bytes / GB:.2f} GB, activations {act_bytes / GB:.3f} GB, target {target / GB:.2f} GB, "
           f"peak RSS {out['peak_rss_bytes'] / GB:.2f} GB")
     print(json.dumps(out))

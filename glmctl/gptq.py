@@ -22,9 +22,11 @@ weights ("static groups"), so the groups stay contiguous and the format does not
 
 ``gptq_model`` runs this over a whole GLM in memory, ``gptq_layer`` over one block (what
 glmctl.quantization streams from the checkpoint's files). Layer by layer: the calibration
-windows go through the network once up to layer 0; then for each layer the inputs of its four linears are collected
-with forward hooks, in execution order (qkv, dense, h_to_4h, 4h_to_h: each one sees the
-already quantized linears before it), and the layer's quantized output feeds the next layer.
+windows go through the network once up to layer 0; then for each layer the inputs of its four
+linears are captured with a hook (the block runs up to that linear and stops) and kept, in
+execution order (qkv, dense, h_to_4h, 4h_to_h: each one sees the already quantized linears
+before it), its Hessian is accumulated from them, and the layer's quantized output feeds the
+next layer.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from glmctl.kernels.reference import pack_int4
+from glmctl.kernels.reference import dequantize, pack_int4
 
 # The four linears of a GLM block that are quantized, in the order a forward pass reaches them.
 LINEAR_NAMES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
@@ -205,8 +207,11 @@ def gptq_quantize(weight: torch.Tensor, H, bits: int, group_size: int | None = N
             s = scales[:, col_group[col]].to(torch.float32)
             w = W1[:, i]
             q = torch.round(w / torch.where(s == 0, torch.ones_like(s), s)).clamp_(-qmax, qmax)
-            dq = q * s
             Q[:, col] = q.to(torch.int8)
+            # from the stored code, as kernels' dequantize computes it (a rounded -0.0 is code 0, so
+            # +0.0): the weight left in place is dequantize(qweight, scale) bit for bit, which lets
+            # gptq_layer drop it and rebuild it from the codes
+            dq = Q[:, col] * s
             Wq1[:, i] = dq
             err = (w - dq) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
@@ -281,48 +286,100 @@ def gptq_model(model, batches, bits: int, group_size: int | None = None, *, bloc
     return results
 
 
+def _release_(weight: torch.Tensor) -> bool:
+    """Give the memory of ``weight`` back (its storage shrinks to 0 bytes; its shape stays) and
+    say so; False, and nothing done, unless it is the whole of a storage that can be resized (a
+    view into a shared buffer or a memory-mapped file keeps its memory). Every tensor on that
+    storage (a GPTQResult.dequantized) is released with it; any use raises until ``_rebuild_``."""
+    st = weight.untyped_storage()
+    if (weight.storage_offset() or not weight.is_contiguous() or not st.resizable()
+            or st.nbytes() != weight.numel() * weight.element_size()):
+        return False
+    st.resize_(0)
+    return True
+
+
+def _rebuild_(weight: torch.Tensor, res: GPTQResult, bits: int, rows: int = 1024) -> None:
+    """Refill a released ``weight`` with dequantize(res.qweight, res.scale): the values
+    gptq_quantize left in it, bit for bit. A band of rows at a time (no n x k temporaries)."""
+    weight.untyped_storage().resize_(weight.numel() * weight.element_size())
+    for r in range(0, weight.shape[0], rows):
+        weight[r:r + rows] = dequantize(res.qweight[r:r + rows], res.scale[r:r + rows], bits)
+
+
 @torch.no_grad()
 def gptq_layer(layer, hidden, rest, bits: int, group_size: int | None = None, *, block_size: int = 128,
-               damp: float = 0.01, act_order: bool = False,
-               scale_dtype: torch.dtype = torch.float16) -> dict[str, GPTQResult]:
+               damp: float = 0.01, act_order: bool = False, scale_dtype: torch.dtype = torch.float16,
+               inputs=list) -> dict[str, GPTQResult]:
     """GPTQ of the four linears of one GLM block, in execution order, given its inputs.
 
     ``hidden``: the block's input hidden states, one per calibration batch (a list, or anything
     iterable again and again, e.g. glmctl.quantization.ActivationStore); ``rest``: the matching
-    (cos, sin, mask). Each linear's Hessian comes from running the block with the linears
-    before it already quantized; its weight is overwritten by the dequantized values. Returns
-    {linear name (LINEAR_NAMES): GPTQResult}. The caller propagates ``hidden`` through the
-    quantized block to the next one.
+    (cos, sin, mask). Each linear's Hessian comes from its inputs, captured by running the block
+    with the linears before it already quantized; its weight is overwritten by the dequantized
+    values. ``inputs()`` makes the container the captured inputs of one linear are appended to
+    (a list, or an ActivationStore that spills beyond a budget; closed when done if it has
+    ``close``). Returns {linear name (LINEAR_NAMES): GPTQResult}. The caller propagates
+    ``hidden`` through the quantized block to the next one.
     """
-    out = {}
-    for name in LINEAR_NAMES:
-        linear = layer.get_submodule(name)
+    # Memory (docs/quantize.md, "Memory"): a finished linear gives its weight's memory back and
+    # has it rebuilt from its codes only while the block runs to capture the next linear's inputs.
+    # While a Hessian is built (from the captured inputs, again for each dampening retry) and
+    # factored, the block holds only the weights not yet quantized: for GLM-130B's dense_4h_to_h,
+    # its own 1.6 GB beside its 4.3 GB Hessian, not the whole 7.3 GB block.
+    out, released = {}, {}
+    try:
+        for name in LINEAR_NAMES:
+            linear = layer.get_submodule(name)
+            for done, lin in released.items():
+                _rebuild_(lin.weight, out[done], bits)
+            captured = _capture_inputs(layer, linear, hidden, rest, inputs())
+            for lin in released.values():
+                _release_(lin.weight)
 
-        def hessian(linear=linear):
-            """The Hessian of ``linear``'s inputs; a new one each call (GPTQ factors it in place)."""
-            hess = Hessian(linear.weight.shape[1], device=linear.weight.device)
+            def hessian(linear=linear, captured=captured):
+                """The Hessian of ``linear``'s inputs; a new one each call (GPTQ factors it in place)."""
+                hess = Hessian(linear.weight.shape[1], device=linear.weight.device)
+                for x in captured:
+                    hess.add(x)
+                return hess.H
 
-            def collect(_mod, inp, _out):
-                hess.add(inp[0])
-                raise _Stop
-
-            h = linear.register_forward_hook(collect)
+            # overwrite: an fp32 weight is quantized where it is (it ends up dequantized) and each
+            # Hessian is factored in place: no copy of either
             try:
-                for x, (cos, sin, mask) in zip(hidden, rest):
-                    try:
-                        layer(x, cos, sin, mask, None)
-                    except _Stop:
-                        pass
+                res = gptq_quantize(linear.weight.data, hessian, bits, group_size, block_size=block_size,
+                                    damp=damp, act_order=act_order, scale_dtype=scale_dtype, overwrite=True)
             finally:
-                h.remove()
-            return hess.H
-
-        # overwrite: an fp32 weight is quantized where it is (it ends up dequantized) and each
-        # Hessian is factored in place, so the block's memory is its weights + one Hessian + the
-        # int8 codes of one linear (docs/quantize.md, "Memory")
-        res = gptq_quantize(linear.weight.data, hessian, bits, group_size, block_size=block_size, damp=damp,
-                            act_order=act_order, scale_dtype=scale_dtype, overwrite=True)
-        if res.dequantized.data_ptr() != linear.weight.data_ptr():
-            linear.weight.copy_(res.dequantized.to(linear.weight.dtype))  # a bf16/fp16 block
-        out[name] = res
+                if hasattr(captured, "close"):
+                    captured.close()
+                del captured, hessian
+            if res.dequantized.data_ptr() != linear.weight.data_ptr():
+                linear.weight.copy_(res.dequantized.to(linear.weight.dtype))  # a bf16/fp16 block
+            out[name] = res
+            # the last linear stays: no forward follows inside, and the caller runs the block next
+            if name != LINEAR_NAMES[-1] and _release_(linear.weight):
+                released[name] = linear
+    finally:
+        for done, lin in released.items():
+            if lin.weight.untyped_storage().nbytes() == 0:
+                _rebuild_(lin.weight, out[done], bits)
     return out
+
+
+def _capture_inputs(layer, linear, hidden, rest, captured):
+    """Append to ``captured`` the input of ``linear`` for each calibration batch, in order: the
+    block runs up to ``linear`` and stops there. Returns ``captured``."""
+    def grab(_mod, args):
+        captured.append(args[0])
+        raise _Stop
+
+    handle = linear.register_forward_pre_hook(grab)
+    try:
+        for x, (cos, sin, mask) in zip(hidden, rest):
+            try:
+                layer(x, cos, sin, mask, None)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured

@@ -449,8 +449,10 @@ class GPTQ:
         for n in LINEAR_NAMES:
             check_fp16(n, layer.get_submodule(n).weight, self.out.v.bits, self.out.scale_dtype)
         v = self.out.v
+        # each linear's captured inputs share the activations' budget (spilled beyond it)
         res = gptq_layer(layer, self.acts, self.rest, v.bits, v.group_size, scale_dtype=self.out.scale_dtype,
-                         **self.opts)
+                         inputs=lambda: ActivationStore(max(0, self.budget - self.acts.in_memory), self.spill_dir,
+                                                        self.device), **self.opts)
         self.max_damp = max([self.max_damp] + [r.damp for r in res.values()])
         self.results = {f"transformer.layers.{index}.{n}.weight": (r.qweight, r.scale) for n, r in res.items()}
         if index + 1 < self.cfg.num_layers:

@@ -1,16 +1,20 @@
 """GPTQ in bounded memory (glmctl/gptq.py): the in-place factoring and in-place weight update give
 the bits of the textbook formulation (copies of H and W, written out here), allocate no k x k
-temporaries, and gptq_layer quantizes an fp32 block where it is."""
+temporaries, and gptq_layer quantizes an fp32 block where it is, building each Hessian from the
+captured inputs of its linear while the finished linears hold no memory (rebuilt from their codes
+bit for bit for the forwards that capture the next linear's inputs)."""
 import subprocess
 import sys
 
 import pytest
 import torch
-
-from glmctl.gptq import Hessian, gptq_layer, gptq_quantize
 from glmctl.kernels.reference import dequantize, pack_int4
-from glmctl.model import GLM
+
+import glmctl.gptq as G
 from glmctl.config import get_preset
+from glmctl.gptq import LINEAR_NAMES, Hessian, gptq_layer, gptq_quantize
+from glmctl.model import GLM
+from glmctl.quantization import ActivationStore
 
 
 def reference_gptq(W, H, bits, group_size, block_size, damp, act_order):
@@ -138,5 +142,160 @@ def test_gptq_layer_quantizes_an_fp32_block_in_place():
     res = gptq_layer(layer, hidden, rest, 4, 32, act_order=True)
     for name, r in res.items():
         wt = layer.get_submodule(name).weight
-        assert wt.data_ptr() == ptrs[name + ".weight"] and r.dequantized.data_ptr() == wt.data_ptr()
+        if name == LINEAR_NAMES[-1]:  # the earlier ones were released and rebuilt: new memory
+            assert wt.data_ptr() == ptrs[name + ".weight"]
+        assert r.dequantized.data_ptr() == wt.data_ptr()  # one copy, shared with the result
         assert torch.equal(wt, dequantize(r.qweight, r.scale, 4))
+
+
+# --- gptq_layer releases the finished linears' weights (docs/quantize.md, "Memory") ---
+
+class _Enough(Exception):
+    pass
+
+
+def tiny_block(seed=2):
+    cfg = get_preset("tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)
+    model = GLM(cfg).init_weights(seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    hidden = [torch.randn(2, 16, cfg.hidden_size, generator=g) for _ in range(2)]
+    cos, sin = model.rope(torch.arange(16)[None].expand(2, 16), torch.float32)
+    rest = [(cos, sin, torch.zeros(2, 1, 16, 16, dtype=torch.bool))] * 2
+    return model.transformer.layers[0], hidden, rest
+
+
+def bits_of(t):
+    return t.contiguous().view(torch.int32)  # fp32 bit patterns: -0.0 and +0.0 differ
+
+
+def by_hand(layer, hidden, rest, bits, group, act):
+    """The expectation, without gptq_layer: each linear in execution order gets its Hessian from
+    the block (earlier linears already quantized) and a copying gptq_quantize, and takes its
+    dequantized values."""
+    out = {}
+    with torch.no_grad():
+        for name in LINEAR_NAMES:
+            lin = layer.get_submodule(name)
+            h = Hessian(lin.weight.shape[1])
+
+            def grab(_m, inp, _o, h=h):
+                h.add(inp[0])
+                raise _Enough
+
+            hook = lin.register_forward_hook(grab)
+            for x, (cos, sin, mask) in zip(hidden, rest):
+                try:
+                    layer(x, cos, sin, mask, None)
+                except _Enough:
+                    pass
+            hook.remove()
+            r = gptq_quantize(lin.weight, h.H, bits, group, block_size=16, act_order=act)
+            lin.weight.copy_(r.dequantized)
+            out[name] = r
+    return out
+
+
+@pytest.mark.parametrize("bits,group,act", [(4, None, False), (4, 32, True), (8, 32, False), (4, None, True)])
+def test_gptq_layer_with_released_weights_equals_linears_quantized_one_by_one(bits, group, act):
+    layer, hidden, rest = tiny_block()
+    twin, _, _ = tiny_block()
+    res = gptq_layer(layer, hidden, rest, bits, group, block_size=16, act_order=act)
+    want = by_hand(twin, hidden, rest, bits, group, act)
+    for name in LINEAR_NAMES:
+        got, exp = res[name], want[name]
+        assert torch.equal(got.qweight, exp.qweight) and torch.equal(got.scale, exp.scale)
+        wt = layer.get_submodule(name).weight
+        assert torch.equal(bits_of(wt), bits_of(twin.get_submodule(name).weight))
+        assert torch.equal(bits_of(wt), bits_of(dequantize(got.qweight, got.scale, bits)))
+        assert torch.equal(bits_of(got.dequantized), bits_of(wt))
+    with torch.no_grad():  # the block runs as it is left
+        x, (cos, sin, mask) = hidden[0], rest[0]
+        assert torch.equal(layer(x, cos, sin, mask, None), twin(x, cos, sin, mask, None))
+
+
+def nbytes(lin):
+    return lin.weight.untyped_storage().nbytes()
+
+
+def test_while_a_hessian_is_built_and_factored_the_finished_linears_hold_no_memory(monkeypatch):
+    layer, hidden, rest = tiny_block()
+    lins = [layer.get_submodule(n) for n in LINEAR_NAMES]
+    forwards, seen, current = [], [], []
+    layer.register_forward_pre_hook(lambda _m, _a: forwards.append([nbytes(lin) for lin in lins]))
+
+    def watch(weight, H, *args, **kw):
+        current[:] = [next(j for j, lin in enumerate(lins) if lin.weight.data_ptr() == weight.data_ptr())]
+
+        def hessian():
+            ran = len(forwards)
+            Hk = H()
+            assert len(forwards) == ran  # built from the captured inputs: the block does not run
+            seen.append(("H", current[0], [nbytes(lin) for lin in lins]))
+            return Hk
+
+        return orig_q(weight, hessian, *args, **kw)
+
+    def factor(H, d, perm=None):
+        seen.append(("factor", current[0], [nbytes(lin) for lin in lins]))
+        return orig_f(H, d, perm)
+
+    orig_q, orig_f = G.gptq_quantize, G._inverse_cholesky_
+    monkeypatch.setattr(G, "gptq_quantize", watch)
+    monkeypatch.setattr(G, "_inverse_cholesky_", factor)
+    twin, _, _ = tiny_block()
+    res = gptq_layer(layer, hidden, rest, 4, 32, block_size=16, act_order=True)
+    full = [lin.weight.numel() * 4 for lin in lins]
+    held = [[0] * i + full[i:] for i in range(4)]  # the last one's: [0, 0, 0, its own]
+    assert seen == [(phase, i, held[i]) for i in range(4) for phase in ("H", "factor")]
+    # one forward per calibration batch and linear, each with every weight present (the
+    # finished ones rebuilt from their codes for it)
+    assert forwards == [full] * (len(LINEAR_NAMES) * len(hidden))
+    assert [nbytes(lin) for lin in lins] == full  # back afterwards
+    monkeypatch.setattr(G, "gptq_quantize", orig_q)
+    monkeypatch.setattr(G, "_inverse_cholesky_", orig_f)
+    want = by_hand(twin, hidden, rest, 4, 32, True)
+    for name, lin in zip(LINEAR_NAMES, lins):
+        assert torch.equal(bits_of(lin.weight), bits_of(twin.get_submodule(name).weight))
+        assert torch.equal(res[name].qweight, want[name].qweight) and torch.equal(res[name].scale, want[name].scale)
+
+
+def test_a_dampening_retry_rebuilds_the_hessian_from_the_captured_inputs(monkeypatch):
+    layer, hidden, rest = tiny_block()
+    twin, _, _ = tiny_block()
+    orig, tries, forwards = G._inverse_cholesky_, [], []
+    layer.register_forward_pre_hook(lambda _m, _a: forwards.append(1))
+
+    def fail_first_wide(H, d, perm=None):  # the first factoring of dense_4h_to_h's Hessian fails
+        tries.append(H.shape[0])
+        if H.shape[0] == 128 and tries.count(128) == 1:
+            return None
+        return orig(H, d, perm)
+
+    monkeypatch.setattr(G, "_inverse_cholesky_", fail_first_wide)
+    res = gptq_layer(layer, hidden, rest, 4, 32, block_size=16, act_order=True)
+    assert tries == [64, 64, 64, 128, 128] and res["mlp.dense_4h_to_h"].damp == pytest.approx(0.1)
+    assert len(forwards) == len(LINEAR_NAMES) * len(hidden)  # no forward for the retry
+    tries.clear()
+    want = by_hand(twin, hidden, rest, 4, 32, True)  # the same failure, Hessians accumulated in the hook
+    assert want["mlp.dense_4h_to_h"].damp == res["mlp.dense_4h_to_h"].damp
+    for name in LINEAR_NAMES:
+        assert torch.equal(res[name].qweight, want[name].qweight) and torch.equal(res[name].scale, want[name].scale)
+        assert torch.equal(bits_of(layer.get_submodule(name).weight), bits_of(twin.get_submodule(name).weight))
+
+
+def test_captured_inputs_spilled_to_disk_give_the_same_bits(tmp_path):
+    layer, hidden, rest = tiny_block()
+    twin, _, _ = tiny_block()
+    stores = []
+
+    def spilling():
+        stores.append(ActivationStore(0, tmp_path))  # no budget: every captured input goes to a file
+        return stores[-1]
+
+    res = gptq_layer(layer, hidden, rest, 4, 32, block_size=16, act_order=True, inputs=spilling)
+    assert len(stores) == len(LINEAR_NAMES) and all(st.spilled and not st.in_memory for st in stores)
+    assert list(tmp_path.iterdir()) == []  # each store closed once its linear is done
+    want = by_hand(twin, hidden, rest, 4, 32, True)
+    for name in LINEAR_NAMES:
+        assert torch.equal(res[name].qweight, want[name].qweight) and torch.equal(res[name].scale, want[name].scale)
+        assert torch.equal(bits_of(layer.get_submodule(name).weight), bits_of(twin.get_submodule(name).weight))
