@@ -31,6 +31,7 @@ next layer.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -299,6 +300,20 @@ def _release_(weight: torch.Tensor) -> bool:
     return True
 
 
+def _is_released(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` holds no memory (``_release_``d, or built unread: ``released_tensor``)."""
+    return weight.numel() > 0 and weight.untyped_storage().nbytes() == 0
+
+
+def released_tensor(shape, dtype, device=None) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` and ``dtype`` that holds no memory: the placeholder of a
+    weight not read yet (glmctl.quantization.build_layer; gptq_layer's ``load`` fills it). Its
+    pages are never touched before they are given back."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    _release_(t)
+    return t
+
+
 def _rebuild_(weight: torch.Tensor, res: GPTQResult, bits: int, rows: int = 1024) -> None:
     """Refill a released ``weight`` with dequantize(res.qweight, res.scale): the values
     gptq_quantize left in it, bit for bit. A band of rows at a time (no n x k temporaries)."""
@@ -307,10 +322,43 @@ def _rebuild_(weight: torch.Tensor, res: GPTQResult, bits: int, rows: int = 1024
         weight[r:r + rows] = dequantize(res.qweight[r:r + rows], res.scale[r:r + rows], bits)
 
 
+@contextmanager
+def materialized(layer, results: dict, bits: int):
+    """Inside this context, each finished linear of ``layer`` (``results``: {LINEAR_NAMES name:
+    GPTQResult}) whose weight is released is rebuilt from its codes when its forward starts and
+    released again when that forward ends: a forward of the block holds the codes and at most one
+    rebuilt weight at a time (docs/quantize.md, "Memory"). The values are the quantized weights
+    bit for bit (``_rebuild_``)."""
+    rebuilt, handles = [], []
+
+    def rebuild(res):
+        def hook(mod, _args):
+            if _is_released(mod.weight):
+                _rebuild_(mod.weight, res, bits)
+                rebuilt.append(mod)
+        return hook
+
+    def release(mod, _args, _out):
+        if mod in rebuilt:
+            rebuilt.remove(mod)
+            _release_(mod.weight)
+
+    try:
+        for name, res in results.items():
+            linear = layer.get_submodule(name)
+            handles += [linear.register_forward_pre_hook(rebuild(res)), linear.register_forward_hook(release)]
+        yield layer
+    finally:
+        for h in handles:
+            h.remove()
+        for mod in rebuilt:  # a forward that raised inside a rebuilt linear
+            _release_(mod.weight)
+
+
 @torch.no_grad()
 def gptq_layer(layer, hidden, rest, bits: int, group_size: int | None = None, *, block_size: int = 128,
                damp: float = 0.01, act_order: bool = False, scale_dtype: torch.dtype = torch.float16,
-               inputs=list) -> dict[str, GPTQResult]:
+               inputs=list, load=None, keep_released: bool = False) -> dict[str, GPTQResult]:
     """GPTQ of the four linears of one GLM block, in execution order, given its inputs.
 
     ``hidden``: the block's input hidden states, one per calibration batch (a list, or anything
@@ -319,23 +367,37 @@ def gptq_layer(layer, hidden, rest, bits: int, group_size: int | None = None, *,
     with the linears before it already quantized; its weight is overwritten by the dequantized
     values. ``inputs()`` makes the container the captured inputs of one linear are appended to
     (a list, or an ActivationStore that spills beyond a budget; closed when done if it has
-    ``close``). Returns {linear name (LINEAR_NAMES): GPTQResult}. The caller propagates
-    ``hidden`` through the quantized block to the next one.
+    ``close``). ``load(name)``: the weight of linear ``name``, called when its turn comes for a
+    linear whose weight holds no memory yet (built unread: ``released_tensor``). Returns
+    {linear name (LINEAR_NAMES): GPTQResult}.
+
+    The block is left with every weight holding the dequantized values, or with
+    ``keep_released`` the four linears' weights released (each result's ``dequantized`` with
+    them, for an fp32 block): the caller then runs the block inside ``materialized(layer,
+    results, bits)``, which rebuilds each from its codes for its own forward. The caller
+    propagates ``hidden`` through the quantized block to the next one.
     """
-    # Memory (docs/quantize.md, "Memory"): a finished linear gives its weight's memory back and
-    # has it rebuilt from its codes only while the block runs to capture the next linear's inputs.
-    # While a Hessian is built (from the captured inputs, again for each dampening retry) and
-    # factored, the block holds only the weights not yet quantized: for GLM-130B's dense_4h_to_h,
+    # Memory (docs/quantize.md, "Memory"): a linear's weight is loaded when its turn comes and
+    # gives its memory back once quantized; the finished ones are rebuilt from their codes only
+    # for their own forwards (``materialized``). While a Hessian is built (from the captured
+    # inputs, again for each dampening retry) and factored, the block holds only the weight being
+    # quantized (and with no ``load``, the ones not yet quantized): for GLM-130B's dense_4h_to_h,
     # its own 1.6 GB beside its 4.3 GB Hessian, not the whole 7.3 GB block.
-    out, released = {}, {}
+    out = {}
     try:
         for name in LINEAR_NAMES:
             linear = layer.get_submodule(name)
-            for done, lin in released.items():
-                _rebuild_(lin.weight, out[done], bits)
-            captured = _capture_inputs(layer, linear, hidden, rest, inputs())
-            for lin in released.values():
-                _release_(lin.weight)
+            with materialized(layer, out, bits):
+                captured = _capture_inputs(layer, linear, hidden, rest, inputs())
+            if _is_released(linear.weight):  # not read yet
+                if load is None:
+                    raise ValueError(f"{name}: the weight holds no memory and no load was given")
+                w = load(name).to(linear.weight.dtype).to(linear.weight.device)
+                if w.shape != linear.weight.shape:
+                    raise ValueError(f"{name}: loaded weight has shape {tuple(w.shape)}, "
+                                     f"the block {tuple(linear.weight.shape)}")
+                linear.weight.data = w
+                del w
 
             def hessian(linear=linear, captured=captured):
                 """The Hessian of ``linear``'s inputs; a new one each call (GPTQ factors it in place)."""
@@ -356,13 +418,15 @@ def gptq_layer(layer, hidden, rest, bits: int, group_size: int | None = None, *,
             if res.dequantized.data_ptr() != linear.weight.data_ptr():
                 linear.weight.copy_(res.dequantized.to(linear.weight.dtype))  # a bf16/fp16 block
             out[name] = res
-            # the last linear stays: no forward follows inside, and the caller runs the block next
-            if name != LINEAR_NAMES[-1] and _release_(linear.weight):
-                released[name] = linear
+            # the last linear is kept unless asked: no forward follows inside, and the caller runs the block next
+            if keep_released or name != LINEAR_NAMES[-1]:
+                _release_(linear.weight)
     finally:
-        for done, lin in released.items():
-            if lin.weight.untyped_storage().nbytes() == 0:
-                _rebuild_(lin.weight, out[done], bits)
+        if not keep_released:
+            for name, res in out.items():
+                weight = layer.get_submodule(name).weight
+                if _is_released(weight):
+                    _rebuild_(weight, res, bits)
     return out
 
 

@@ -17,7 +17,9 @@ layer by layer. No step ever holds a whole model.
 * GPTQ runs at TP=1 one block at a time (glmctl.gptq.gptq_layer): the calibration activations of
   the current layer boundary (``ActivationStore``: in memory up to a budget, memory-mapped files
   beyond) give the block's Hessians, the block is quantized, and the activations go through the
-  *quantized* block to the next. Peak memory: one block in the compute dtype plus activations.
+  *quantized* block to the next. Peak memory: the activations, the finished linears' codes, and
+  one linear's weight with its Hessian (each weight is read when its turn comes and rebuilt from
+  its codes only for its own forwards; docs/quantize.md, "Memory").
   The output is then sliced per rank (needs G | in/TP at TP > 1).
 * The report runs the parent and each quantized model block by block over the evaluation
   windows (final hidden states kept, spilled beyond the budget), then scores the windows batch
@@ -38,12 +40,12 @@ from safetensors.torch import save_file
 
 from glmctl import console, tp_layout
 from glmctl.checkpoint import CheckpointReader, build_model, is_float_weight, layer_from_state_dict, \
-    model_from_state_dict
+    model_from_state_dict, parse_dtype
 from glmctl.data import TokenDataset
 from glmctl.errors import InputError, UsageError
-from glmctl.gptq import LINEAR_NAMES, gptq_layer
+from glmctl.gptq import LINEAR_NAMES, gptq_layer, materialized, released_tensor
 from glmctl.kernels import quantize_rtn
-from glmctl.model.glm import EMBEDDING_KEY, quantize_embedding_rows
+from glmctl.model.glm import EMBEDDING_KEY, GLMBlock, quantize_embedding_rows
 from glmctl.model.masks import lm_window
 
 METHODS = ("rtn", "gptq")
@@ -314,9 +316,22 @@ def build_ends(cfg, get, dtype, device):
                                  {n: get(n) for n in names}, dtype, device, where="embedding and final LayerNorm")
 
 
-def build_layer(cfg, index: int, get, dtype, device):
-    return layer_from_state_dict(cfg.replace(tensor_parallel_size=1), index, layer_tensors(get, cfg, index),
-                                 dtype, device, where=f"layer {index}")
+def build_layer(cfg, index: int, get, dtype, device, unread=()):
+    """Block ``index`` of ``cfg`` at TP=1, its tensors from ``get(global name)``. The weights of
+    the linears named in ``unread`` (LINEAR_NAMES) are not read: they get their shape and dtype
+    but hold no memory (glmctl.gptq.released_tensor), for gptq_layer's ``load``."""
+    cfg = cfg.replace(tensor_parallel_size=1)
+    prefix = f"transformer.layers.{index}."
+    skip = {f"{prefix}{n}.weight" for n in unread}
+    read = get
+    if skip:
+        shapes = {prefix + k: v.shape for k, v in GLMBlock(cfg, index, device="meta").state_dict().items()}
+        # the dtype layer_from_state_dict gives the block: ``dtype``, or as stored (its LayerNorms')
+        dt = parse_dtype(dtype) or get(prefix + "input_layernorm.weight").dtype
+
+        def read(name):
+            return released_tensor(shapes[name], dt, device) if name in skip else get(name)
+    return layer_from_state_dict(cfg, index, layer_tensors(read, cfg, index), dtype, device, where=f"layer {index}")
 
 
 def embed(ends, tokens, positions, mask):
@@ -445,19 +460,27 @@ class GPTQ:
     def run_layer(self, index: int) -> None:
         if index != self.layer + 1:
             raise AssertionError(f"GPTQ runs layers in order: {index} after {self.layer}")
-        layer = build_layer(self.cfg, index, self.get, self.dtype, self.device)
-        for n in LINEAR_NAMES:
-            check_fp16(n, layer.get_submodule(n).weight, self.out.v.bits, self.out.scale_dtype)
         v = self.out.v
+        # Memory (docs/quantize.md, "Memory"): the block is built without its four linears'
+        # weights; gptq_layer loads each when its turn comes and leaves them released, and the
+        # propagation rebuilds each from its codes for its own forward only
+        layer = build_layer(self.cfg, index, self.get, self.dtype, self.device, unread=LINEAR_NAMES)
+
+        def load(name):
+            weight = layer.get_submodule(name).weight
+            w = self.get(f"transformer.layers.{index}.{name}.weight").to(weight.dtype).to(weight.device)  # as built
+            check_fp16(name, w, v.bits, self.out.scale_dtype)
+            return w
+
         # each linear's captured inputs share the activations' budget (spilled beyond it)
         res = gptq_layer(layer, self.acts, self.rest, v.bits, v.group_size, scale_dtype=self.out.scale_dtype,
                          inputs=lambda: ActivationStore(max(0, self.budget - self.acts.in_memory), self.spill_dir,
-                                                        self.device), **self.opts)
+                                                        self.device), load=load, keep_released=True, **self.opts)
         self.max_damp = max([self.max_damp] + [r.damp for r in res.values()])
         self.results = {f"transformer.layers.{index}.{n}.weight": (r.qweight, r.scale) for n, r in res.items()}
         if index + 1 < self.cfg.num_layers:
             nxt = ActivationStore(self.budget, self.spill_dir, self.device)
-            with torch.no_grad():
+            with torch.no_grad(), materialized(layer, res, v.bits):
                 for x, (cos, sin, mask) in zip(self.acts, self.rest):
                     nxt.append(layer(x, cos, sin, mask, None))
             self.acts.close()

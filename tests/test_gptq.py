@@ -2,7 +2,7 @@
 the bits of the textbook formulation (copies of H and W, written out here), allocate no k x k
 temporaries, and gptq_layer quantizes an fp32 block where it is, building each Hessian from the
 captured inputs of its linear while the finished linears hold no memory (rebuilt from their codes
-bit for bit for the forwards that capture the next linear's inputs)."""
+bit for bit, each for its own forward only), and can load each weight when its turn comes."""
 import subprocess
 import sys
 
@@ -217,11 +217,23 @@ def nbytes(lin):
     return lin.weight.untyped_storage().nbytes()
 
 
+def held(lins):
+    return [nbytes(lin) for lin in lins]
+
+
+def watch_linears(lins, record):
+    """Append (j, bytes held by each of ``lins``) to ``record`` at the end of linear j's forward
+    (hooks registered first run first: before ``materialized`` releases the weight again)."""
+    for j, lin in enumerate(lins):
+        lin.register_forward_hook(lambda _m, _a, _o, j=j: record.append((j, held(lins))))
+
+
 def test_while_a_hessian_is_built_and_factored_the_finished_linears_hold_no_memory(monkeypatch):
     layer, hidden, rest = tiny_block()
     lins = [layer.get_submodule(n) for n in LINEAR_NAMES]
-    forwards, seen, current = [], [], []
-    layer.register_forward_pre_hook(lambda _m, _a: forwards.append([nbytes(lin) for lin in lins]))
+    forwards, seen, current, in_linears = [], [], [], []
+    layer.register_forward_pre_hook(lambda _m, _a: forwards.append(held(lins)))
+    watch_linears(lins, in_linears)
 
     def watch(weight, H, *args, **kw):
         current[:] = [next(j for j, lin in enumerate(lins) if lin.weight.data_ptr() == weight.data_ptr())]
@@ -230,13 +242,13 @@ def test_while_a_hessian_is_built_and_factored_the_finished_linears_hold_no_memo
             ran = len(forwards)
             Hk = H()
             assert len(forwards) == ran  # built from the captured inputs: the block does not run
-            seen.append(("H", current[0], [nbytes(lin) for lin in lins]))
+            seen.append(("H", current[0], held(lins)))
             return Hk
 
         return orig_q(weight, hessian, *args, **kw)
 
     def factor(H, d, perm=None):
-        seen.append(("factor", current[0], [nbytes(lin) for lin in lins]))
+        seen.append(("factor", current[0], held(lins)))
         return orig_f(H, d, perm)
 
     orig_q, orig_f = G.gptq_quantize, G._inverse_cholesky_
@@ -245,18 +257,72 @@ def test_while_a_hessian_is_built_and_factored_the_finished_linears_hold_no_memo
     twin, _, _ = tiny_block()
     res = gptq_layer(layer, hidden, rest, 4, 32, block_size=16, act_order=True)
     full = [lin.weight.numel() * 4 for lin in lins]
-    held = [[0] * i + full[i:] for i in range(4)]  # the last one's: [0, 0, 0, its own]
-    assert seen == [(phase, i, held[i]) for i in range(4) for phase in ("H", "factor")]
-    # one forward per calibration batch and linear, each with every weight present (the
-    # finished ones rebuilt from their codes for it)
-    assert forwards == [full] * (len(LINEAR_NAMES) * len(hidden))
-    assert [nbytes(lin) for lin in lins] == full  # back afterwards
+    unfinished = [[0] * i + full[i:] for i in range(4)]  # the last one's: [0, 0, 0, its own]
+    assert seen == [(phase, i, unfinished[i]) for i in range(4) for phase in ("H", "factor")]
+    # one forward per calibration batch and linear, each starting with the finished weights
+    # released; each finished linear is rebuilt from its codes for its own forward only
+    assert forwards == [unfinished[i] for i in range(4) for _ in hidden]
+    assert in_linears == [(j, [f if k == j or k >= i else 0 for k, f in enumerate(full)])
+                          for i in range(4) for _ in hidden for j in range(i)]
+    assert held(lins) == full  # back afterwards
     monkeypatch.setattr(G, "gptq_quantize", orig_q)
     monkeypatch.setattr(G, "_inverse_cholesky_", orig_f)
     want = by_hand(twin, hidden, rest, 4, 32, True)
     for name, lin in zip(LINEAR_NAMES, lins):
         assert torch.equal(bits_of(lin.weight), bits_of(twin.get_submodule(name).weight))
         assert torch.equal(res[name].qweight, want[name].qweight) and torch.equal(res[name].scale, want[name].scale)
+
+
+@pytest.mark.parametrize("bits,group,act", [(4, 32, True), (8, None, False)])
+def test_weights_loaded_in_turn_and_left_released_hold_one_linear_at_a_time(monkeypatch, bits, group, act):
+    """``load`` reads a weight when its linear's turn comes; with ``keep_released`` the block is
+    left holding none, and ``materialized`` runs it with one rebuilt weight at a time: the same
+    codes, scales and outputs, bit for bit, as the block built whole."""
+    layer, hidden, rest = tiny_block()
+    twin, _, _ = tiny_block()
+    lins = [layer.get_submodule(n) for n in LINEAR_NAMES]
+    full = [lin.weight.numel() * 4 for lin in lins]
+    stored = {}
+    for name, lin in zip(LINEAR_NAMES, lins):  # as glmctl.quantization.build_layer(unread=...) builds it
+        stored[name] = lin.weight.detach().clone()
+        lin.weight.data = G.released_tensor(lin.weight.shape, lin.weight.dtype)
+    assert held(lins) == [0] * 4
+    loads, quantized, in_linears = [], [], []
+
+    def load(name):
+        loads.append(name)
+        return stored[name].clone()
+
+    def watch(weight, H, *args, **kw):
+        quantized.append(held(lins))
+        return orig_q(weight, H, *args, **kw)
+
+    orig_q = G.gptq_quantize
+    monkeypatch.setattr(G, "gptq_quantize", watch)
+    watch_linears(lins, in_linears)
+    res = gptq_layer(layer, hidden, rest, bits, group, block_size=16, act_order=act, load=load, keep_released=True)
+    assert loads == list(LINEAR_NAMES)
+    one = [[f if k == j else 0 for k, f in enumerate(full)] for j in range(4)]
+    assert quantized == one  # while linear j is quantized, only its own fp32 weight is held
+    assert held(lins) == [0] * 4  # left released
+    with torch.no_grad(), G.materialized(layer, res, bits):
+        outs = [layer(x, cos, sin, mask, None) for x, (cos, sin, mask) in zip(hidden, rest)]
+    assert held(lins) == [0] * 4
+    assert all(seen == one[j] for j, seen in in_linears)  # captures and propagation: one linear at a time
+    assert [j for j, _ in in_linears[-4 * len(hidden):]] == [0, 1, 2, 3] * len(hidden)
+    monkeypatch.setattr(G, "gptq_quantize", orig_q)
+    want = by_hand(twin, hidden, rest, bits, group, act)
+    for name in LINEAR_NAMES:
+        assert torch.equal(res[name].qweight, want[name].qweight) and torch.equal(res[name].scale, want[name].scale)
+    with torch.no_grad():
+        for out, x, (cos, sin, mask) in zip(outs, hidden, rest):
+            assert torch.equal(bits_of(out), bits_of(twin(x, cos, sin, mask, None)))
+    # released weights and no load: refused, not run on empty memory
+    fresh, _, _ = tiny_block()
+    lin = fresh.get_submodule(LINEAR_NAMES[1])
+    lin.weight.data = G.released_tensor(lin.weight.shape, lin.weight.dtype)
+    with pytest.raises(ValueError, match="no load"):
+        gptq_layer(fresh, hidden, rest, bits, group, block_size=16, act_order=act)
 
 
 def test_a_dampening_retry_rebuilds_the_hessian_from_the_captured_inputs(monkeypatch):

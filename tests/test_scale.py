@@ -105,6 +105,53 @@ def test_layer_streamed_gptq_equals_whole_model_gptq(ckpts, tmp_path):
         assert torch.equal(got[name], r.qweight), name
 
 
+def test_layer_streamed_gptq_holds_one_linear_weight_at_a_time(ckpts, tmp_path, monkeypatch):
+    """glmctl.quantization.GPTQ builds each block without its linears' weights, reads each when
+    its turn comes, and propagates with one rebuilt at a time (docs/quantize.md, "Memory"): while
+    a linear is quantized only its own fp32 weight is held, and any forward of a linear holds that
+    linear's alone."""
+    import glmctl.gptq as G
+    import glmctl.quantization as QZ
+    root, _ = ckpts
+    blocks, seen = [], []
+    orig_build, orig_quantize = QZ.build_layer, G.gptq_quantize
+
+    def held():
+        return [lin.weight.untyped_storage().nbytes() for lin in blocks[-1]]
+
+    def build(*args, **kw):
+        layer = orig_build(*args, **kw)
+        blocks.append([layer.get_submodule(n) for n in LINEARS])
+        seen.append(("built", None, held()))
+        for j, lin in enumerate(blocks[-1]):  # at the end of its forward, before it is released again
+            lin.register_forward_hook(lambda _m, _a, _o, j=j: seen.append(("forward", j, held())))
+        return layer
+
+    def quantize(weight, H, *args, **kw):
+        j = next(j for j, lin in enumerate(blocks[-1]) if lin.weight.data_ptr() == weight.data_ptr())
+        seen.append(("quantize", j, held()))
+        return orig_quantize(weight, H, *args, **kw)
+
+    monkeypatch.setattr(QZ, "build_layer", build)
+    monkeypatch.setattr(G, "gptq_quantize", quantize)
+    c = Q.QuantizeConfig(src=str(root / "tp2"), out=str(tmp_path / "q"), bits=4, group_size=32, method="gptq",
+                         calibration=str(root / "tokens"), seq_len=48, calibration_samples=6, batch_size=2, tp=1,
+                         report=False, activation_memory="1KiB")
+    Q.run(c)
+    cfg = tiny_cfg()
+    full = [lin.weight.numel() * 4 for lin in blocks[0]]
+    assert all(lin.weight.dtype == torch.float32 for lin in blocks[0])
+    one = [[f if k == j else 0 for k, f in enumerate(full)] for j in range(4)]
+    assert len(blocks) == cfg.num_layers
+    per_layer = [("built", None, [0] * 4)] + [("quantize", j, one[j]) for j in range(4)]
+    assert [s for s in seen if s[0] != "forward"] == per_layer * cfg.num_layers
+    forwards = [s for s in seen if s[0] == "forward"]
+    assert forwards and all(h == one[j] for _, j, h in forwards)
+    # dense_4h_to_h's forward only propagates (its capture stops before it): every layer but the last, per batch
+    calib, _ = select_windows(Q.resolve(c, cfg), cfg, True, need_eval=False)
+    assert sum(j == 3 for _, j, _ in forwards) == (cfg.num_layers - 1) * len(list(calib.batches(2, "cpu")))
+
+
 # ---- loading at another TP reads only the rank's slices -----------------------------------------
 def rchar() -> int:
     """Bytes this process read through read-like syscalls (the kernel's counter)."""
