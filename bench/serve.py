@@ -7,7 +7,8 @@
    `glmctl generate` runs), same prompt and length, interleaved, best of 7 each; target:
    overhead <= 10 %
 2. C concurrent streaming clients for T seconds, C = 1 then 8, mixed prompt lengths (8/32/96
-   tokens) and output lengths (16/32/64 tokens): throughput (generated tokens/s), p50/p99 time to
+   tokens, --prompt-tokens; each prompt is the longest run of random words that encodes to at
+   most that many tokens) and output lengths (16/32/64 tokens): throughput (generated tokens/s), p50/p99 time to
    first token (the first SSE chunk) and per-token latency ((last chunk - first chunk) / (tokens - 1)),
    errors (must be 0); target: 8 clients >= 3x the throughput of one at a time
 
@@ -57,6 +58,20 @@ def prompt_text(n_words: int, rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
+def prompt_pool(tok, n_tokens: int, rng: random.Random, size: int = 32) -> list[str]:
+    """``size`` prompts of at most ``n_tokens`` tokens each (as many random words as fit)."""
+    pool = []
+    for _ in range(size):
+        words: list[str] = []
+        while True:
+            nxt = words + [rng.choice(WORDS)]
+            if len(tok.encode(" ".join(nxt))) > n_tokens:
+                break
+            words = nxt
+        pool.append(" ".join(words or [rng.choice(WORDS)]))
+    return pool
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,7 +114,7 @@ def one_stream(url: str, prompt: str, n: int) -> dict:
     return {"ttft": first - t0, "tpot": (last - first) / max(1, n - 1), "tokens": tokens, "end": time.perf_counter()}
 
 
-def load(url: str, clients: int, seconds: float, seed: int) -> dict:
+def load(url: str, clients: int, seconds: float, seed: int, pools: dict[int, list[str]]) -> dict:
     results: list[dict] = []
     lock = threading.Lock()
     start = time.perf_counter()
@@ -108,7 +123,7 @@ def load(url: str, clients: int, seconds: float, seed: int) -> dict:
     def client(k: int):
         rng = random.Random(seed * 100 + k)
         while time.perf_counter() < stop_at:
-            r = one_stream(url, prompt_text(rng.choice((6, 24, 72)), rng), rng.choice((16, 32, 64)))
+            r = one_stream(url, rng.choice(pools[rng.choice(sorted(pools))]), rng.choice((16, 32, 64)))
             with lock:
                 results.append(r)
 
@@ -133,6 +148,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=30.0, help="T: seconds of load per level")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the baseline")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens of the single-request comparison")
+    ap.add_argument("--prompt-tokens", default="8,32,96", help="the load's prompt lengths in tokens (at most)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -141,6 +157,7 @@ def main():
     cfg = get_preset("medium").replace(**tok.config_overrides(), hidden_dropout=0.0, attention_dropout=0.0)
     save_model(GLM(cfg).init_weights(0), root / "bench", tokenizer=root / "tok")
     prompt = prompt_text(24, random.Random(1))
+    pools = {n: prompt_pool(tok, n, random.Random(n)) for n in map(int, args.prompt_tokens.split(","))}
     n = args.new_tokens
 
     # 1. in-process: what `glmctl generate` runs for one prompt
@@ -176,13 +193,14 @@ def main():
             http_runs.append(_timed(lambda: httpx.post(url + "/v1/completions", json=body, timeout=300)))
         inproc, http = min(inproc_runs), min(http_runs)
         del session, filler
-        levels = [load(url, c, args.seconds, seed=c) for c in (1, 8)]
+        levels = [load(url, c, args.seconds, seed=c, pools=pools) for c in (1, 8)]
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(120)
     one, eight = levels
     report = {
         "preset": "medium (random weights, 512-id vocabulary)", "threads": args.threads,
+        "prompt_tokens": {n: sorted({len(tok.encode(p)) for p in pool}) for n, pool in pools.items()},
         "single_request": {"new_tokens": n, "in_process_s": round(inproc, 4), "http_s": round(http, 4),
                            "overhead": round(http / inproc - 1, 4)},
         "load": levels, "throughput_ratio_8_vs_1": round(eight["tokens_per_s"] / one["tokens_per_s"], 2),
