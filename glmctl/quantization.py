@@ -334,9 +334,13 @@ def build_layer(cfg, index: int, get, dtype, device, unread=()):
     return layer_from_state_dict(cfg, index, layer_tensors(read, cfg, index), dtype, device, where=f"layer {index}")
 
 
-def embed(ends, tokens, positions, mask):
-    """What GLM.forward computes before its first layer: (hidden, (cos, sin, mask))."""
-    h = ends.transformer.embedding_dropout(ends.embed(tokens))
+def embed(ends, tokens, positions, mask, dtype=None):
+    """What GLM.forward computes before its first layer: (hidden, (cos, sin, mask)); with
+    ``dtype``, of ``ends`` kept in another dtype (the rows are cast, exactly as a cast table's)."""
+    h = ends.embed(tokens)
+    if dtype is not None:
+        h = h.to(parse_dtype(dtype))
+    h = ends.transformer.embedding_dropout(h)
     cos, sin = ends.rope(positions, h.dtype)
     return h, (cos, sin, mask.unsqueeze(1) if mask.dim() == 3 else mask)
 
@@ -446,13 +450,18 @@ class GPTQ:
         self.dtype, self.device, self.progress = dtype, device, progress
         self.cfg = reader.cfg.replace(tensor_parallel_size=1)
         self.get = lambda n: reader.read(n, 1, 0)
-        ends = build_ends(self.cfg, self.get, dtype, device)
+        # The calibration windows need only their tokens' rows of the word embedding: a float
+        # table stays as stored (fp16: 3.7 GB at GLM-130B's size, not 7.4 GB cast to fp32, more
+        # than a block) and only the rows are cast
+        float_table = not (self.cfg.quantization or {}).get("embedding")
+        ends = build_ends(self.cfg, self.get, None if float_table else dtype, device)
         self.acts, self.rest = ActivationStore(budget, spill_dir, device), []
         with torch.no_grad():
             for tokens, positions, mask, _ in calib.batches(batch_size, device):
-                h, r = embed(ends, tokens, positions, mask)
+                h, r = embed(ends, tokens, positions, mask, dtype)
                 self.acts.append(h)
                 self.rest.append(r)
+        del ends
         self.budget, self.spill_dir = budget, spill_dir
         self.layer, self.results = -1, {}
         self.max_damp = damp
