@@ -209,6 +209,9 @@ def test_dense_linear_matches_float64():
         assert got.dtype == torch.float32 and got.shape == (m, n)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(kernels.dense_linear(x[0], w), F.linear(x[0], w), rtol=1e-5, atol=1e-5)
+        if m <= 8:  # one row's result does not depend on how many rows come with it (batch invariance)
+            with torch.inference_mode():
+                assert torch.equal(got[m - 1], kernels.dense_linear(x[m - 1:], w, b)[0])
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])

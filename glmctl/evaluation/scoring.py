@@ -221,7 +221,7 @@ def run_batch(model, batch: list[Request], pad_id: int = 0) -> list[list[tuple[f
     mask = masks.build_mask(prefix, sample, block, blocks_see_earlier=False)
     hidden = model(tokens.to(device), positions.to(device), mask.to(device), return_hidden=True)
     h = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-    logits = model.logits(h).float()
+    logits = model.logits(h, gemv=False).float()  # the same rounding at every batch size
     target = torch.tensor(tgt, device=device)
     logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
     greedy = logits.argmax(dim=-1) == target

@@ -516,13 +516,19 @@ class GLM(nn.Module):
             return self.decode_attention
         return self.attention_picker.pick(b, att.heads_local, s, cached + s, att.head_dim, dtype, device)
 
-    def logits(self, hidden: torch.Tensor, parallel_output: bool = False) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, parallel_output: bool = False, gemv: bool = True) -> torch.Tensor:
         """The output layer, tied to the word embedding (docs/glm130b.md §2.5): hidden [..., h] ->
         logits [..., vocab] (this rank's vocabulary slice with ``parallel_output``). A quantized
-        embedding runs the quantized kernel; in inference a float one the small-m GEMV kernel."""
+        embedding runs the quantized kernel; in inference a float one the small-m GEMV kernel,
+        or with ``gemv=False`` F.linear whatever the number of rows (the kernel rounds
+        differently from MKL, and evaluation's scores must not depend on how many rows are
+        scored together)."""
         emb = self.transformer.word_embeddings
         x = tp.copy_to_tp(hidden)
-        logits = emb.output(x) if isinstance(emb, QuantizedVocabEmbedding) else kernels.dense_linear(x, emb.weight)
+        if isinstance(emb, QuantizedVocabEmbedding):
+            logits = emb.output(x)
+        else:
+            logits = kernels.dense_linear(x, emb.weight) if gemv else F.linear(x, emb.weight)
         return logits if parallel_output else tp.gather_last_dim(logits)
 
     # ---- state dict: accept SAT's ignored rotary buffers ----------------------------------

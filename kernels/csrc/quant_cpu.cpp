@@ -559,9 +559,14 @@ GLMCTL_AVX2 void dense_rowsR_avx2(const float* x, int64_t k, const float* w, flo
       a[j] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + j * k + c + 8), a[j]);
     }
   }
+  const int64_t k8 = k & ~int64_t(7);
+  if (k8 > kf) {  // one more 8-column step, as the tiles take it: every m sums in the same order
+    const __m256 xa = _mm256_loadu_ps(x + kf);
+    for (int j = 0; j < R; ++j) a[j] = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w + j * k + kf), a[j]);
+  }
   for (int j = 0; j < R; ++j) {
     float v = hsum256(a[j]);
-    for (int64_t c = kf; c < k; ++c) v += x[c] * w[j * k + c];
+    for (int64_t c = k8; c < k; ++c) v += x[c] * w[j * k + c];
     res[j] = v;
   }
 }
