@@ -229,22 +229,27 @@ GLMCTL_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// acc[(i*RB + r)*8 .. +8] (8 partial sums per (x row, weight row)) += x[i] * w[r] over len columns.
-template <int MB>
+// acc[(i*RW + r)*8 .. +8] (8 partial sums per (x row, weight row)) += x[i] * w[r] over len columns
+// (a multiple of 8), one FMA chain per pair. The fused INT4/INT8 path runs it on dequantized
+// chunks (RW = RB), dense_linear on the fp32 weight itself (PF: prefetch the next RW rows, which
+// follow in memory).
+template <int MB, int RW = RB, bool PF = false>
 GLMCTL_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* acc) {
-  __m256 a[MB][RB];
+  __m256 a[MB][RW];
   for (int i = 0; i < MB; ++i)
-    for (int r = 0; r < RB; ++r) a[i][r] = _mm256_loadu_ps(acc + (i * RB + r) * 8);
+    for (int r = 0; r < RW; ++r) a[i][r] = _mm256_loadu_ps(acc + (i * RW + r) * 8);
   for (int64_t c = 0; c < len; c += 8) {
-    __m256 wv[RB];
-    for (int r = 0; r < RB; ++r) wv[r] = _mm256_loadu_ps(w + r * ldw + c);
+    if (PF && (c & 15) == 0)
+      for (int r = 0; r < RW; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (RW + r) * ldw + c), _MM_HINT_T0);
+    __m256 wv[RW];
+    for (int r = 0; r < RW; ++r) wv[r] = _mm256_loadu_ps(w + r * ldw + c);
     for (int i = 0; i < MB; ++i) {
       const __m256 xv = _mm256_loadu_ps(x + i * ldx + c);
-      for (int r = 0; r < RB; ++r) a[i][r] = _mm256_fmadd_ps(xv, wv[r], a[i][r]);
+      for (int r = 0; r < RW; ++r) a[i][r] = _mm256_fmadd_ps(xv, wv[r], a[i][r]);
     }
   }
   for (int i = 0; i < MB; ++i)
-    for (int r = 0; r < RB; ++r) _mm256_storeu_ps(acc + (i * RB + r) * 8, a[i][r]);
+    for (int r = 0; r < RW; ++r) _mm256_storeu_ps(acc + (i * RW + r) * 8, a[i][r]);
 }
 
 // Direct path for m <= 4 (decode): unpack in registers and FMA straight away, two weight rows at
@@ -571,29 +576,18 @@ GLMCTL_AVX2 void dense_rowsR_avx2(const float* x, int64_t k, const float* w, flo
   }
 }
 
-// m = 2..8 (a batch of decode rows): a tile of RW weight rows x MB rows of x, one FMA chain per
-// pair, 8 columns per step (at 4 x 2: 8 accumulators + 4 weight + 1 x registers, no spills). The
-// rows of x go in groups of MB: the first group reads the RW weight rows from memory (and
-// prefetches the next RW, PF), the others from L1/L2. Also the tail rows (RW = 1).
+// m = 2..8 (a batch of decode rows): micro_avx2 on a tile of RW weight rows x MB rows of x (at
+// 4 x 2: 8 accumulators + 4 weight + 1 x registers, no spills), then the column tail. The rows of
+// x go in groups of MB: the first group reads the RW weight rows from memory (and prefetches the
+// next RW), the others from L1/L2. Also the tail rows (RW = 1).
 template <int RW, int MB, bool PF = false>
 GLMCTL_AVX2 void dense_tile_avx2(const float* x, int64_t k, const float* w, float* res) {
-  __m256 a[RW][MB];
-  for (int j = 0; j < RW; ++j)
-    for (int i = 0; i < MB; ++i) a[j][i] = _mm256_setzero_ps();
+  float acc[MB * RW * 8] = {};
   const int64_t kf = k & ~int64_t(7);
-  for (int64_t c = 0; c < kf; c += 8) {
-    if (PF && (c & 15) == 0)
-      for (int j = 0; j < RW; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (RW + j) * k + c), _MM_HINT_T0);
-    __m256 wv[RW];
-    for (int j = 0; j < RW; ++j) wv[j] = _mm256_loadu_ps(w + j * k + c);
-    for (int i = 0; i < MB; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x + i * k + c);
-      for (int j = 0; j < RW; ++j) a[j][i] = _mm256_fmadd_ps(xv, wv[j], a[j][i]);
-    }
-  }
+  micro_avx2<MB, RW, PF>(x, k, w, k, kf, acc);
   for (int j = 0; j < RW; ++j)
     for (int i = 0; i < MB; ++i) {
-      float v = hsum256(a[j][i]);
+      float v = hsum256(_mm256_loadu_ps(acc + (i * RW + j) * 8));
       for (int64_t c = kf; c < k; ++c) v += x[i * k + c] * w[j * k + c];
       res[i * RW + j] = v;
     }
