@@ -68,6 +68,21 @@ bool cpu_has_avx2() {
 
 bool use_avx2() { return cpu_has_avx2() && !g_force_scalar.load(std::memory_order_relaxed); }
 
+// AVX-512VL: the same 256-bit instructions, but 32 ymm registers instead of 16 (dense_linear's
+// batched tiles hold 24 accumulators). Only the register count changes, not the arithmetic.
+std::atomic<bool> g_force_avx2{false};
+
+bool cpu_has_avx512vl() {
+#if GLMCTL_X86 && (defined(__GNUC__) || defined(__clang__))
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool use_avx512vl() { return use_avx2() && cpu_has_avx512vl() && !g_force_avx2.load(std::memory_order_relaxed); }
+
 inline float load_f(const void* p, at::ScalarType t, int64_t i) {
   switch (t) {
     case at::kFloat: return static_cast<const float*>(p)[i];
@@ -180,6 +195,7 @@ void micro_scalar(const float* x, int64_t ldx, const float* w, int64_t ldw, int6
 
 #if GLMCTL_X86
 #define GLMCTL_AVX2 __attribute__((target("avx2,fma")))
+#define GLMCTL_AVX512VL __attribute__((target("avx2,fma,avx512f,avx512vl")))
 
 GLMCTL_AVX2 void dequant_chunk_avx2(const Problem& p, int64_t r, const float* sf, int64_t c0, int64_t c1, float* w) {
   if (!p.vec_groups) return dequant_chunk_scalar(p, r, sf, c0, c1, w);
@@ -233,8 +249,9 @@ GLMCTL_AVX2 inline float hsum256(__m256 v) {
 // (a multiple of 8), one FMA chain per pair. The fused INT4/INT8 path runs it on dequantized
 // chunks (RW = RB), dense_linear on the fp32 weight itself (PF: prefetch the next RW rows, which
 // follow in memory).
+// Inline: a caller compiled for AVX-512VL (dense_wide_avx512) gets it with 32 registers.
 template <int MB, int RW = RB, bool PF = false>
-GLMCTL_AVX2 void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* acc) {
+GLMCTL_AVX2 inline void micro_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t len, float* acc) {
   __m256 a[MB][RW];
   for (int i = 0; i < MB; ++i)
     for (int r = 0; r < RW; ++r) a[i][r] = _mm256_loadu_ps(acc + (i * RW + r) * 8);
@@ -547,9 +564,19 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
 // AMD EPYC of the bench machine and does not gain from a second thread, and its sgemm at m = 8
 // streams a weight that is not in the cache at ~6 GB/s (bench/RESULTS.md, issue 20).  This kernel
 // streams eight weight rows at a time at m = 1 (19-21 GB/s on one core, about a plain read's
-// ceiling) and 4 x 2 tiles (4 weight rows, 2 rows of x) at m = 2..8, and splits the rows evenly
-// over torch's OpenMP threads, one contiguous range per thread.
+// ceiling) and, at m = 2..8, tiles of weight rows x all m rows of x in one pass where AVX-512VL's
+// 32 registers allow it (3 x 8 at m = 8), else 4 x 2 tiles (4 weight rows, 2 rows of x). It
+// splits the rows evenly over torch's OpenMP threads, one contiguous range per thread. A row's
+// result does not depend on m or the tile: every path sums in the same order (tests).
 #if GLMCTL_X86
+// v + the dot product of the last len (< 8) columns, one code for every tile so that a row's
+// result is the same whatever the tile (the compiler may contract or vectorize such a loop
+// differently in functions compiled for different targets).
+GLMCTL_AVX2 __attribute__((noinline)) float dot_tail(const float* x, const float* w, int64_t len, float v) {
+  for (int64_t c = 0; c < len; ++c) v += x[c] * w[c];
+  return v;
+}
+
 // m = 1 (batch-1 decode): R rows at a time, R weight streams in flight, one FMA chain per row and
 // half of each 16-column step.
 template <int R>
@@ -570,9 +597,7 @@ GLMCTL_AVX2 void dense_rowsR_avx2(const float* x, int64_t k, const float* w, flo
     for (int j = 0; j < R; ++j) a[j] = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w + j * k + kf), a[j]);
   }
   for (int j = 0; j < R; ++j) {
-    float v = hsum256(a[j]);
-    for (int64_t c = k8; c < k; ++c) v += x[c] * w[j * k + c];
-    res[j] = v;
+    res[j] = dot_tail(x + k8, w + j * k + k8, k - k8, hsum256(a[j]));
   }
 }
 
@@ -588,9 +613,50 @@ GLMCTL_AVX2 void dense_tile_avx2(const float* x, int64_t k, const float* w, floa
   for (int j = 0; j < RW; ++j)
     for (int i = 0; i < MB; ++i) {
       float v = hsum256(_mm256_loadu_ps(acc + (i * RW + j) * 8));
-      for (int64_t c = kf; c < k; ++c) v += x[i * k + c] * w[j * k + c];
-      res[i * RW + j] = v;
+      res[i * RW + j] = dot_tail(x + i * k + kf, w + j * k + kf, k - kf, v);
     }
+}
+
+// The same tile on a CPU with AVX-512VL: with 32 registers one pass of RW weight rows serves all
+// MB <= 8 rows of x (3 x 8: 24 accumulators + 3 weight + 1 x registers), so each weight byte is
+// read once and the FMAs overlap its streaming, where the 4 x 2 tiles read it from memory in the
+// first pass and compute the other three from L1. The arithmetic is micro_avx2's: identical
+// results, every row summed in the same order as at m = 1.
+template <int RW, int MB, bool PF = false>
+GLMCTL_AVX512VL void dense_wide_avx512(const float* x, int64_t k, const float* w, float* res) {
+  float acc[MB * RW * 8] = {};
+  const int64_t kf = k & ~int64_t(7);
+  micro_avx2<MB, RW, PF>(x, k, w, k, kf, acc);
+  for (int j = 0; j < RW; ++j)
+    for (int i = 0; i < MB; ++i) {
+      float v = hsum256(_mm256_loadu_ps(acc + (i * RW + j) * 8));
+      res[i * RW + j] = dot_tail(x + i * k + kf, w + j * k + kf, k - kf, v);
+    }
+}
+
+// dense_linear at m = MB (1..8) with the wide tiles: RW weight rows per tile (as many as the
+// registers allow: RW * MB + RW + 1 <= 32), then the last n % RW rows one at a time.
+template <int MB>
+void dense_wide(const float* xp, int64_t k, const float* wp, const float* bp, int64_t n, float* op) {
+  constexpr int RW = MB <= 3 ? 6 : MB <= 6 ? 4 : 3;
+  const int64_t nblk = n / RW;
+  const int64_t grain = std::max<int64_t>(1, nblk / std::max<int64_t>(1, at::get_num_threads()));
+  auto put = [&](const float* res, int64_t r0, int rows) {
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < rows; ++j) op[i * n + r0 + j] = res[i * rows + j] + (bp ? bp[r0 + j] : 0.f);
+  };
+  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+    float res[MB * RW];
+    for (int64_t b = b0; b < b1; ++b) {
+      dense_wide_avx512<RW, MB, true>(xp, k, wp + RW * b * k, res);
+      put(res, RW * b, RW);
+    }
+  });
+  for (int64_t r = RW * nblk; r < n; ++r) {
+    float res[MB];
+    dense_wide_avx512<1, MB>(xp, k, wp + r * k, res);
+    put(res, r, 1);
+  }
 }
 #endif
 
@@ -638,6 +704,20 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
     }
     return out.reshape(out_shape);
   }
+  if (use_avx512vl()) {
+    switch (m) {  // m = 1 here only with n < 8
+      case 1: dense_wide<1>(xp, k, wp, bp, n, op); break;
+      case 2: dense_wide<2>(xp, k, wp, bp, n, op); break;
+      case 3: dense_wide<3>(xp, k, wp, bp, n, op); break;
+      case 4: dense_wide<4>(xp, k, wp, bp, n, op); break;
+      case 5: dense_wide<5>(xp, k, wp, bp, n, op); break;
+      case 6: dense_wide<6>(xp, k, wp, bp, n, op); break;
+      case 7: dense_wide<7>(xp, k, wp, bp, n, op); break;
+      case 8: dense_wide<8>(xp, k, wp, bp, n, op); break;
+      default: TORCH_CHECK(false, "glmctl::dense_linear: m = ", m);
+    }
+    return out.reshape(out_shape);
+  }
   constexpr int RW = 4, XB = 2;  // weight rows x rows of x per tile
   const int64_t nblk = n / RW;
   const int64_t grain = std::max<int64_t>(1, nblk / std::max<int64_t>(1, at::get_num_threads()));
@@ -667,9 +747,14 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
 #endif
 }
 
-std::string cpu_isa() { return use_avx2() ? "avx2+fma" : (cpu_has_avx2() ? "scalar (forced)" : "scalar"); }
+std::string cpu_isa() {
+  if (use_avx512vl()) return "avx2+fma+avx512vl";
+  return use_avx2() ? "avx2+fma" : (cpu_has_avx2() ? "scalar (forced)" : "scalar");
+}
 
 bool cpu_force_scalar(bool on) { return g_force_scalar.exchange(on); }
+
+bool cpu_force_avx2(bool on) { return g_force_avx2.exchange(on); }
 
 }  // namespace
 }  // namespace glmctl
@@ -679,6 +764,7 @@ TORCH_LIBRARY(glmctl, m) {
   m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("cpu_isa() -> str", &glmctl::cpu_isa);
   m.def("cpu_force_scalar(bool on) -> bool", &glmctl::cpu_force_scalar);
+  m.def("cpu_force_avx2(bool on) -> bool", &glmctl::cpu_force_avx2);
 }
 
 TORCH_LIBRARY_IMPL(glmctl, CPU, m) {
