@@ -1,7 +1,8 @@
-"""Linear kernels for decoding: one entry point per kernel.
+"""Kernels for decoding: one entry point per kernel.
 
     y = quant_linear(x, qweight, scale, bias=None, bits=4)     # x [..., k] -> y [..., n], x.dtype
     y = dense_linear(x, weight, bias=None)                     # fp32 GEMV for small m (inference)
+    o = decode_attention(q, k, v, blocked)                     # one new token per row (CPU fp32)
 
 Dispatch, per call:
   * CUDA tensors -> ``torch.ops.glmctl.quant_linear`` from the CUDA extension (``_cuda``):
@@ -25,10 +26,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .reference import (dequantize, pack_int4, quant_linear_ref, quantize_rtn,  # noqa: F401
+from .reference import (decode_attention_ref, dequantize, pack_int4, quant_linear_ref, quantize_rtn,  # noqa: F401
                         unpack_int4)
 
-__all__ = ["quant_linear", "dense_linear", "quant_linear_ref", "pack_int4", "unpack_int4", "dequantize", "quantize_rtn",
+__all__ = ["quant_linear", "dense_linear", "decode_attention", "decode_attention_ref", "quant_linear_ref", "pack_int4", "unpack_int4", "dequantize", "quantize_rtn",
            "status"]
 
 _CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -63,6 +64,12 @@ def _register_fake() -> None:
         @torch.library.register_fake("glmctl::dense_linear")
         def _dense_linear_fake(x, weight, bias=None):
             return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    except Exception:  # noqa: BLE001 - as above
+        pass
+    try:
+        @torch.library.register_fake("glmctl::decode_attention")
+        def _decode_attention_fake(q, k, v, blocked):
+            return q.new_empty(q.shape)
     except Exception:  # noqa: BLE001 - as above
         pass
 
@@ -180,7 +187,8 @@ def dense_linear(x, weight, bias=None):
 
     In inference (no autograd) on the CPU with fp32 tensors and at most 8 rows of x (a decode
     step of up to 8 sequences), the C++ kernel: weight rows split evenly over torch's threads,
-    8 rows in flight at m = 1 and 4 x 2 register tiles at m = 2..8 (MKL's sgemv reads the weight
+    8 rows in flight at m = 1, at m = 2..8 one pass of weight-row tiles against all rows (4 x 2
+    tiles without AVX-512VL), the same result for a row at every m (MKL's sgemv reads the weight
     at about half the streaming bandwidth on the bench's AMD CPU and gains nothing from a second
     thread, its sgemm at m = 8 streams an uncached weight at ~6 GB/s; bench/RESULTS.md).
     Everything else: ``F.linear``.
@@ -189,6 +197,28 @@ def dense_linear(x, weight, bias=None):
             and weight.dtype == torch.float32 and x.numel() <= 8 * x.shape[-1] and _dense_available()):
         return torch.ops.glmctl.dense_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+@_constant
+def decode_attention_available() -> bool:
+    """The CPU extension is loaded and has the decode-attention kernel; cached."""
+    info = _loaded.get("cpu") or _load("cpu")
+    if "attention" not in info:
+        info["attention"] = bool(info["ok"]) and hasattr(torch.ops.glmctl, "decode_attention")
+    return info["attention"]
+
+
+def decode_attention(q, k, v, blocked):
+    """Attention of one new token per row (a decode step): q [b, n, 1, d], k/v [b, n, t, d] (a KV
+    cache view; rows contiguous), blocked bool [b, 1, 1, t] (True = masked) -> [b, n, 1, d] =
+    softmax(q k^T / sqrt(d), blocked keys excluded) v; a row with every key blocked gets the mean
+    of v (glmctl.model.glm.math_attention's result). On the CPU in fp32 the C++ kernel: every
+    (row, head) reads its keys and values once, in order, and skips the blocked ones, so a row's
+    result does not depend on its batch's padding; elsewhere ``decode_attention_ref``."""
+    if (q.device.type == "cpu" and not torch.is_grad_enabled() and q.dtype == k.dtype == v.dtype == torch.float32
+            and q.shape[2] == 1 and decode_attention_available()):
+        return torch.ops.glmctl.decode_attention(q, k, v, blocked)
+    return decode_attention_ref(q, k, v, blocked)
 
 
 def status() -> dict:

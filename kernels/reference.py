@@ -70,3 +70,12 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None = None, scal
     q = torch.round(wg.to(scale_dtype) / safe[..., None]).clamp_(-qmax, qmax).to(torch.int8).reshape(n, k)
     scale = scale if group_size else scale[:, 0]
     return (pack_int4(q) if bits == 4 else q), scale
+
+
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d), blocked keys excluded) v in fp32 (q [b, n, s, d], k/v [b, n, t, d],
+    blocked bool broadcastable to [b, n, s, t]); a row with every key blocked gets the mean of v."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    none = blocked.all(dim=-1, keepdim=True)
+    scores = scores.masked_fill(blocked & ~none, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)

@@ -15,7 +15,7 @@ from glmctl.config import get_preset
 from glmctl.generation import (BeamSearch, DecodeBatch, GenerationConfig, decode, fill_batch, new_strategy,
                                span_request)
 from glmctl.model import GLM, KVCache, StaticKVCache
-from glmctl.model.glm import QuantizedVocabEmbedding, quantize_tied_embedding
+from glmctl.model.glm import QuantizedVocabEmbedding, math_attention, quantize_tied_embedding
 from glmctl.model.masks import build_mask, prefix_lm_mask, prepare_prompt
 from test_generation import one_thread, varied_model  # noqa: F401 - the one-thread fixture applies here too
 
@@ -68,7 +68,7 @@ PROMPTS = [[5, 6, M, 7, 8, M, 9], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], 
            [50, M, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61]]
 
 
-@pytest.mark.parametrize("attention", ["auto", "math", "sdpa"])
+@pytest.mark.parametrize("attention", ["auto", "math", "sdpa", "fused"])
 def test_greedy_fill_equals_todays_path_with_masks_and_padding(model, attention):
     """[MASK] (two blanks), [gMASK] appended and given, [sMASK]; one padded batch of all prompts."""
     model.decode_attention = attention
@@ -97,7 +97,7 @@ def reference_beam(model, req, gen):
     return bs.result()
 
 
-@pytest.mark.parametrize("attention", ["math", "sdpa"])
+@pytest.mark.parametrize("attention", ["math", "sdpa", "fused"])
 def test_beam_search_equals_todays_path(model, attention):
     model.decode_attention = attention
     try:
@@ -129,7 +129,7 @@ def run_cache(model, cache, tok, pos, mask, steps, attention):
     return out
 
 
-@pytest.mark.parametrize("attention", ["math", "sdpa"])
+@pytest.mark.parametrize("attention", ["math", "sdpa", "fused"])
 def test_static_cache_logits_equal_growing_cache(model, attention):
     """Same logits (<= 1e-6, fp32) from the preallocated cache as from torch.cat growth; rows
     left-padded; a capacity too small on purpose, so the in-place growth runs too."""
@@ -281,3 +281,39 @@ def test_compiled_decode_step_gives_the_eager_tokens(model):
     # cost seconds, and past torch's recompile limit the step silently runs eagerly). A few graphs
     # remain: per attention kernel and with or without empty (left-padded) rows.
     assert graphs["unique_graphs"] <= 4
+
+
+@pytest.mark.parametrize("scalar", [False, True])
+def test_decode_attention_matches_float64(scalar):
+    """kernels.decode_attention against math_attention in float64, on a cache view (rows of a
+    larger buffer), with padding: a row's result is bit-identical with more padding in front of
+    it, and a row with every key blocked gets the mean of v (as math_attention gives it)."""
+    kernels.status()
+    if not kernels.decode_attention_available():
+        pytest.skip("the CPU extension is not built")
+    prev = torch.ops.glmctl.cpu_force_scalar(scalar)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for b, n, t, d in ((3, 2, 17, 64), (2, 3, 40, 20), (1, 1, 1, 8)):
+            kb, vb = (torch.randn(b, n, t + 5, d, generator=g) for _ in range(2))
+            k, v = kb[:, :, :t], vb[:, :, :t]  # the cache's filled part: not contiguous
+            q = torch.randn(b, n, 1, d, generator=g)
+            blocked = torch.zeros(b, 1, 1, t, dtype=torch.bool)
+            blocked[0, ..., :t // 2] = True
+            if b > 2:
+                blocked[2] = True  # sees nothing
+            with torch.inference_mode():
+                got = kernels.decode_attention(q, k, v, blocked)
+            want = math_attention(q.double(), k.double(), v.double(), blocked, 1.0)
+            assert got.shape == (b, n, 1, d) and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+            if b > 2:
+                torch.testing.assert_close(got[2, :, 0].double(), v[2].double().mean(dim=1), rtol=1e-5, atol=1e-6)
+            # the first row again behind 9 more padding columns (NaN: never read)
+            pad = torch.full((1, n, 9, d), float("nan"))
+            k2, v2 = torch.cat([pad, k[:1]], dim=2), torch.cat([pad, v[:1]], dim=2)
+            b2 = torch.cat([torch.ones(1, 1, 1, 9, dtype=torch.bool), blocked[:1]], dim=-1)
+            with torch.inference_mode():
+                assert torch.equal(kernels.decode_attention(q[:1], k2, v2, b2), got[:1])
+    finally:
+        torch.ops.glmctl.cpu_force_scalar(prev)

@@ -170,7 +170,8 @@ def math_attention(q, k, v, mask, c: float, dropout=None):
 class AttentionMask:
     """A forward's mask, prepared once for every layer (inference with a KV cache).
 
-    ``impl`` "math": the bool mask as is (True = blocked). ``impl`` "sdpa": an additive bias
+    ``impl`` "math" and "fused" (``kernels.decode_attention``): the bool mask as is (True =
+    blocked). ``impl`` "sdpa": an additive bias
     (-10000 on blocked keys, as SelfAttention._sdpa) and, when some row sees no key at all
     (left padding in a prefill), those rows' queries zeroed (their uniform average, as the
     explicit path gives them)."""
@@ -191,11 +192,19 @@ def _bucket(x: int) -> int:
 
 
 class AttentionPicker:
-    """Chooses the attention kernel ("math" or "sdpa") for each step shape by timing both, once
-    per (device, dtype, batch, heads, new tokens, cached length) bucket (powers of two) on random
-    tensors of that shape. Used by ``GLM.forward`` in inference with a KV cache."""
+    """Chooses the attention kernel for each step shape by timing the candidates, once per
+    (device, dtype, batch, heads, new tokens, cached length) bucket (powers of two) on random
+    tensors of that shape: "math" (``math_attention``), "sdpa" (F.scaled_dot_product_attention)
+    and, for one new token per row in fp32 on the CPU, "fused" (``kernels.decode_attention``).
+    Used by ``GLM.forward`` in inference with a KV cache."""
 
-    IMPLS = ("math", "sdpa")
+    IMPLS = ("math", "sdpa", "fused")
+
+    @staticmethod
+    def candidates(s: int, dtype, device) -> tuple[str, ...]:
+        fused = s == 1 and dtype == torch.float32 and torch.device(device).type == "cpu" \
+            and kernels.decode_attention_available()
+        return AttentionPicker.IMPLS if fused else AttentionPicker.IMPLS[:2]
 
     def __init__(self, repeats: int = 5):
         self.repeats = repeats
@@ -216,21 +225,23 @@ class AttentionPicker:
         v = torch.randn(b, n, t, d, generator=g, device=device).to(dtype)
         blocked = torch.zeros(b, 1, s, t, dtype=torch.bool, device=device)
         blocked[..., 0] = True  # a padding column, as in a batch
-        masks = {impl: AttentionMask(blocked, impl, dtype) for impl in self.IMPLS}
+        impls = self.candidates(s, dtype, device)
+        masks = {impl: AttentionMask(blocked, impl, dtype) for impl in impls}
         run = {"math": lambda: math_attention(q, k, v, masks["math"].blocked, 1.0),
-               "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=masks["sdpa"].bias)}
+               "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=masks["sdpa"].bias),
+               "fused": lambda: kernels.decode_attention(q, k, v, masks["fused"].blocked)}
         sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
-        best = {impl: float("inf") for impl in self.IMPLS}
-        for impl in self.IMPLS:
+        best = {impl: float("inf") for impl in impls}
+        for impl in impls:
             run[impl]()  # warm-up
         for _ in range(self.repeats):  # alternating, best of
-            for impl in self.IMPLS:
+            for impl in impls:
                 sync()
                 t0 = time.perf_counter()
                 run[impl]()
                 sync()
                 best[impl] = min(best[impl], time.perf_counter() - t0)
-        return min(self.IMPLS, key=lambda i: best[i])
+        return min(impls, key=lambda i: best[i])
 
 
 class SelfAttention(nn.Module):
@@ -264,6 +275,8 @@ class SelfAttention(nn.Module):
                 ctx = F.scaled_dot_product_attention(q if mask.empty_rows is None else q.masked_fill(mask.empty_rows, 0.0),
                                                      k, v, attn_mask=mask.bias)
                 return self.dense(ctx.transpose(1, 2).reshape(b, s, n * d))
+            if mask.impl == "fused" and s == 1:
+                return self.dense(kernels.decode_attention(q, k, v, mask.blocked).transpose(1, 2).reshape(b, s, n * d))
             mask = mask.blocked
         elif self.fast:
             return self.dense(self._sdpa(q, k, v, mask).transpose(1, 2).reshape(b, s, n * d))
@@ -415,8 +428,10 @@ class GLM(nn.Module):
         self.embedding_grad_shrink = 1.0
         # Gradient checkpointing of each layer (pretraining large models).
         self.activation_checkpointing = False
-        # Inference with a KV cache (decoding): the attention kernel, "auto" = the faster of the
-        # explicit math and F.scaled_dot_product_attention, measured per step shape.
+        # Inference with a KV cache (decoding): the attention kernel, "auto" = the fastest of the
+        # explicit math, F.scaled_dot_product_attention and (one new token per row, CPU fp32)
+        # kernels.decode_attention, measured per step shape; "math"/"sdpa"/"fused" force one
+        # ("fused" applies to single-token steps, a prefill then runs the math).
         self.decode_attention = "auto"
         self.attention_picker = AttentionPicker()
         # The per-token decode step through torch.compile (``compile_decode``); kept in __dict__

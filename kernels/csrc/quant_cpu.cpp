@@ -30,6 +30,8 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -747,6 +749,140 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
 #endif
 }
 
+// ---- attention of one new token per row (a decode step) ------------------------------------
+// ctx[b, h] = softmax(q[b, h] . K[b, h]^T / sqrt(d) over the keys not blocked) V[b, h], what
+// glmctl.model.glm.math_attention computes for s = 1 (in exact arithmetic: it divides q by
+// sqrt(d) * c and multiplies c back). Every (row, head) is independent (split over threads), its
+// K and V rows are read once each, in order (a cache view [b, n, t, d] with contiguous rows),
+// and blocked keys (padding) are skipped: a row's result does not depend on how much padding
+// its batch gives it. A row with every key blocked gets the mean of V, as math_attention's
+// uniform softmax gives it. F.scaled_dot_product_attention's CPU flash kernel spends ~300 us per
+// call at 8 rows x 6 heads x ~100 keys (bench/RESULTS.md), several times the time to read K, V.
+#if GLMCTL_X86
+// scores[j] = q . K[keys[j]] (rows ldk apart) for j < nk, d a multiple of 8: four keys at a time
+// (four independent FMA chains), each summed over d in order, then hsum256.
+GLMCTL_AVX2 void scores_avx2(const float* q, const float* K, int64_t ldk, int64_t d, const int64_t* keys,
+                             int64_t nk, float* scores) {
+  int64_t j = 0;
+  for (; j + 4 <= nk; j += 4) {
+    const float* r[4] = {K + keys[j] * ldk, K + keys[j + 1] * ldk, K + keys[j + 2] * ldk, K + keys[j + 3] * ldk};
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t c = 0; c < d; c += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + c);
+      for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[u] + c), a[u]);
+    }
+    for (int u = 0; u < 4; ++u) scores[j + u] = hsum256(a[u]);
+  }
+  for (; j < nk; ++j) {
+    const float* r = K + keys[j] * ldk;
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t c = 0; c < d; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(r + c), a);
+    scores[j] = hsum256(a);
+  }
+}
+
+// o[0:d] = sum_j p[j] V[keys[j]] (d a multiple of 8), each column summed over the keys in order;
+// 64 columns at a time in 8 registers.
+GLMCTL_AVX2 void weighted_sum_avx2(const float* p, const float* V, int64_t ldv, int64_t d, const int64_t* keys,
+                                   int64_t nk, float* o) {
+  for (int64_t c0 = 0; c0 < d; c0 += 64) {
+    const int w = static_cast<int>(std::min<int64_t>(64, d - c0)) / 8;
+    __m256 a[8];
+    for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+    if (w == 8) {
+      for (int64_t j = 0; j < nk; ++j) {
+        const float* r = V + keys[j] * ldv + c0;
+        const __m256 pv = _mm256_set1_ps(p[j]);
+        for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(r + 8 * u), a[u]);
+      }
+    } else {
+      for (int64_t j = 0; j < nk; ++j) {
+        const float* r = V + keys[j] * ldv + c0;
+        const __m256 pv = _mm256_set1_ps(p[j]);
+        for (int u = 0; u < w; ++u) a[u] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(r + 8 * u), a[u]);
+      }
+    }
+    for (int u = 0; u < w; ++u) _mm256_storeu_ps(o + c0 + 8 * u, a[u]);
+  }
+}
+#endif
+
+void scores_scalar(const float* q, const float* K, int64_t ldk, int64_t d, const int64_t* keys, int64_t nk,
+                   float* scores) {
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* r = K + keys[j] * ldk;
+    float v = 0.f;
+    for (int64_t c = 0; c < d; ++c) v += q[c] * r[c];
+    scores[j] = v;
+  }
+}
+
+void weighted_sum_scalar(const float* p, const float* V, int64_t ldv, int64_t d, const int64_t* keys, int64_t nk,
+                         float* o) {
+  std::fill(o, o + d, 0.f);
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t c = 0; c < d; ++c) o[c] += p[j] * V[keys[j] * ldv + c];
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocked) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && blocked.device().is_cpu(),
+              "glmctl::decode_attention (CPU): tensors must be on the CPU");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "glmctl::decode_attention: q, k, v must be float32");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
+              "glmctl::decode_attention: q [b, n, 1, d], k and v [b, n, t, d]");
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(3), T = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == d && v.sizes() == k.sizes(),
+              "glmctl::decode_attention: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not match");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "glmctl::decode_attention: k and v rows must be contiguous");
+  TORCH_CHECK(blocked.scalar_type() == at::kBool && blocked.numel() == B * T,
+              "glmctl::decode_attention: blocked must be bool with b x t elements ([b, 1, 1, t])");
+  const at::Tensor qc = q.contiguous(), bl = blocked.contiguous();
+  at::Tensor out = at::empty({B, H, 1, d}, q.options());
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* bp = bl.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const bool avx2 = use_avx2() && d % 8 == 0;
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<int64_t> keys(T);
+    std::vector<float> p(T);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const float* K = kp + b * k.stride(0) + h * k.stride(1);
+      const float* V = vp + b * v.stride(0) + h * v.stride(1);
+      int64_t nk = 0;
+      for (int64_t t = 0; t < T; ++t)
+        if (!bp[b * T + t]) keys[nk++] = t;
+      const bool none = nk == 0;  // every key blocked: a uniform softmax over all of them
+      if (none)
+        for (int64_t t = 0; t < T; ++t) keys[nk++] = t;
+#if GLMCTL_X86
+      if (avx2) scores_avx2(qp + i * d, K, k.stride(2), d, keys.data(), nk, p.data());
+      else scores_scalar(qp + i * d, K, k.stride(2), d, keys.data(), nk, p.data());
+#else
+      scores_scalar(qp + i * d, K, k.stride(2), d, keys.data(), nk, p.data());
+#endif
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, p[j] *= scale);
+      float sum = 0.f;
+      for (int64_t j = 0; j < nk; ++j) sum += (p[j] = none ? 1.f : std::exp(p[j] - mx));
+      float* o = op + i * d;
+#if GLMCTL_X86
+      if (avx2) weighted_sum_avx2(p.data(), V, v.stride(2), d, keys.data(), nk, o);
+      else weighted_sum_scalar(p.data(), V, v.stride(2), d, keys.data(), nk, o);
+#else
+      weighted_sum_scalar(p.data(), V, v.stride(2), d, keys.data(), nk, o);
+#endif
+      const float inv = 1.f / sum;
+      for (int64_t c = 0; c < d; ++c) o[c] *= inv;
+    }
+  });
+  return out;
+}
+
 std::string cpu_isa() {
   if (use_avx512vl()) return "avx2+fma+avx512vl";
   return use_avx2() ? "avx2+fma" : (cpu_has_avx2() ? "scalar (forced)" : "scalar");
@@ -762,6 +898,7 @@ bool cpu_force_avx2(bool on) { return g_force_avx2.exchange(on); }
 TORCH_LIBRARY(glmctl, m) {
   m.def("quant_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias=None, int bits=4, int path=0) -> Tensor");
   m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor blocked) -> Tensor");
   m.def("cpu_isa() -> str", &glmctl::cpu_isa);
   m.def("cpu_force_scalar(bool on) -> bool", &glmctl::cpu_force_scalar);
   m.def("cpu_force_avx2(bool on) -> bool", &glmctl::cpu_force_avx2);
@@ -770,6 +907,7 @@ TORCH_LIBRARY(glmctl, m) {
 TORCH_LIBRARY_IMPL(glmctl, CPU, m) {
   m.impl("quant_linear", &glmctl::quant_linear_cpu);
   m.impl("dense_linear", &glmctl::dense_linear_cpu);
+  m.impl("decode_attention", &glmctl::decode_attention_cpu);
 }
 
 // The shape function (fake / meta kernel, symbolic shapes included) is registered from Python:
