@@ -603,12 +603,10 @@ GLMCTL_AVX2 void dense_rowsR_avx2(const float* x, int64_t k, const float* w, flo
   }
 }
 
-// m = 2..8 (a batch of decode rows): micro_avx2 on a tile of RW weight rows x MB rows of x (at
-// 4 x 2: 8 accumulators + 4 weight + 1 x registers, no spills), then the column tail. The rows of
-// x go in groups of MB: the first group reads the RW weight rows from memory (and prefetches the
-// next RW), the others from L1/L2. Also the tail rows (RW = 1).
-template <int RW, int MB, bool PF = false>
-GLMCTL_AVX2 void dense_tile_avx2(const float* x, int64_t k, const float* w, float* res) {
+// m = 2..8 (a batch of decode rows): micro_avx2 on a tile of RW weight rows x MB rows of x, then
+// the column tail. Inline: it takes the registers of the function it is compiled into.
+template <int RW, int MB, bool PF>
+GLMCTL_AVX2 __attribute__((always_inline)) inline void dense_tile(const float* x, int64_t k, const float* w, float* res) {
   float acc[MB * RW * 8] = {};
   const int64_t kf = k & ~int64_t(7);
   micro_avx2<MB, RW, PF>(x, k, w, k, kf, acc);
@@ -619,21 +617,21 @@ GLMCTL_AVX2 void dense_tile_avx2(const float* x, int64_t k, const float* w, floa
     }
 }
 
-// The same tile on a CPU with AVX-512VL: with 32 registers one pass of RW weight rows serves all
-// MB <= 8 rows of x (3 x 8: 24 accumulators + 3 weight + 1 x registers), so each weight byte is
+// With AVX2's 16 registers: 4 x 2 tiles (8 accumulators + 4 weight + 1 x registers, no spills).
+// The rows of x go in groups of 2: the first group reads the 4 weight rows from memory (and
+// prefetches the next 4), the others from L1/L2. Also the tail rows (RW = 1).
+template <int RW, int MB, bool PF = false>
+GLMCTL_AVX2 void dense_tile_avx2(const float* x, int64_t k, const float* w, float* res) {
+  dense_tile<RW, MB, PF>(x, k, w, res);
+}
+
+// With AVX-512VL's 32 registers (the same 256-bit instructions): one pass of RW weight rows serves
+// all MB <= 8 rows of x (3 x 8: 24 accumulators + 3 weight + 1 x registers), so each weight byte is
 // read once and the FMAs overlap its streaming, where the 4 x 2 tiles read it from memory in the
-// first pass and compute the other three from L1. The arithmetic is micro_avx2's: identical
-// results, every row summed in the same order as at m = 1.
+// first pass and compute the other three from L1. Same arithmetic: identical results.
 template <int RW, int MB, bool PF = false>
 GLMCTL_AVX512VL void dense_wide_avx512(const float* x, int64_t k, const float* w, float* res) {
-  float acc[MB * RW * 8] = {};
-  const int64_t kf = k & ~int64_t(7);
-  micro_avx2<MB, RW, PF>(x, k, w, k, kf, acc);
-  for (int j = 0; j < RW; ++j)
-    for (int i = 0; i < MB; ++i) {
-      float v = hsum256(_mm256_loadu_ps(acc + (i * RW + j) * 8));
-      res[i * RW + j] = dot_tail(x + i * k + kf, w + j * k + kf, k - kf, v);
-    }
+  dense_tile<RW, MB, PF>(x, k, w, res);
 }
 
 // dense_linear at m = MB (1..8) with the wide tiles: RW weight rows per tile (as many as the
