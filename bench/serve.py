@@ -4,9 +4,10 @@
     .venv/bin/python bench/serve.py --seconds 10    # quicker
 
 1. one request: HTTP (`glmctl serve`, non-streamed) vs in-process `Filler.fill` (what
-   `glmctl generate` runs), same prompt and length, interleaved, best of 7 each; target:
+   `glmctl generate` runs), same prompt and length, interleaved, best of 15 each; target:
    overhead <= 10 %
-2. C concurrent streaming clients for T seconds, C = 1 then 8, mixed prompt lengths (8/32/96
+2. C concurrent streaming clients for T seconds, C = 1 and 8 alternating in --rounds rounds of
+   T/rounds seconds (default 3), each client on one kept-alive connection, mixed prompt lengths (8/32/96
    tokens, --prompt-tokens; each prompt is the longest run of random words that encodes to at
    most that many tokens) and output lengths (16/32/64 tokens): throughput (generated tokens/s), p50/p99 time to
    first token (the first SSE chunk) and per-token latency ((last chunk - first chunk) / (tokens - 1)),
@@ -100,12 +101,15 @@ def one_stream(client: httpx.Client, url: str, prompt: str, n: int) -> dict:
             now = time.perf_counter()
             if line == "data: [DONE]":
                 break
-            msg = json.loads(line[6:])
-            if "error" in msg:
-                return {"error": msg["error"]["message"]}
-            if msg.get("usage"):
-                tokens = msg["usage"]["completion_tokens"]
-                continue
+            # a text chunk is only timed: the load generator shares the machine's 2 cores with the
+            # server, so it parses just the chunks that say something (usage, an error)
+            if '"usage"' in line or '"error"' in line:
+                msg = json.loads(line[6:])
+                if "error" in msg:
+                    return {"error": msg["error"]["message"]}
+                if msg.get("usage"):
+                    tokens = msg["usage"]["completion_tokens"]
+                    continue
             if first is None:
                 first = now
             last = now
@@ -114,7 +118,9 @@ def one_stream(client: httpx.Client, url: str, prompt: str, n: int) -> dict:
     return {"ttft": first - t0, "tpot": (last - first) / max(1, n - 1), "tokens": tokens, "end": time.perf_counter()}
 
 
-def load(url: str, clients: int, seconds: float, seed: int, pools: dict[int, list[str]]) -> dict:
+def load(url: str, clients: int, seconds: float, seed: int, pools: dict[int, list[str]]) -> tuple[list[dict], float]:
+    """``clients`` streaming clients for ``seconds``: every request's result, and the time until the
+    last one ended."""
     results: list[dict] = []
     lock = threading.Lock()
     start = time.perf_counter()
@@ -133,8 +139,15 @@ def load(url: str, clients: int, seconds: float, seed: int, pools: dict[int, lis
         t.start()
     for t in threads:
         t.join()
+    ends = [r["end"] for r in results if "error" not in r]
+    return results, (max(ends) - start if ends else float("nan"))
+
+
+def summary(clients: int, runs: list[tuple[list[dict], float]]) -> dict:
+    """One load level over its rounds: tokens over the summed time, latency percentiles over all requests."""
+    results = [r for res, _ in runs for r in res]
     ok = [r for r in results if "error" not in r]
-    elapsed = max(r["end"] for r in ok) - start if ok else float("nan")
+    elapsed = sum(e for _, e in runs)
     tokens = sum(r["tokens"] for r in ok)
     return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok),
             "tokens": tokens, "seconds": round(elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
@@ -147,6 +160,10 @@ def load(url: str, clients: int, seconds: float, seed: int, pools: dict[int, lis
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=30.0, help="T: seconds of load per level")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="the levels alternate in this many rounds of T/rounds seconds (slow drifts of the "
+                         "machine's speed then weigh on both alike)")
+    ap.add_argument("--single-repeats", type=int, default=15, help="repeats of the single-request comparison")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the baseline")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens of the single-request comparison")
     ap.add_argument("--prompt-tokens", default="8,32,96", help="the load's prompt lengths in tokens (at most)")
@@ -188,15 +205,19 @@ def main():
         body = {"model": "bench", "prompt": prompt, "max_tokens": n, "min_tokens": n}
         http = httpx.Client()  # kept alive (a new httpx client costs the caller ~20 ms: its SSL context)
         http.post(url + "/v1/completions", json=body, timeout=300)  # warm-up
-        # interleaved, best of 7 each: the machine's other load disturbs both alike
+        # interleaved, best of N each: the machine's other load disturbs both alike
         inproc_runs, http_runs = [], []
-        for _ in range(7):
+        for _ in range(args.single_repeats):
             inproc_runs.append(_timed(lambda: filler.fill([toks], keys=[0])))
             http_runs.append(_timed(lambda: http.post(url + "/v1/completions", json=body, timeout=300)))
         http.close()
         inproc, http = min(inproc_runs), min(http_runs)
         del session, filler
-        levels = [load(url, c, args.seconds, seed=c, pools=pools) for c in (1, 8)]
+        runs: dict[int, list] = {1: [], 8: []}
+        for r in range(args.rounds):  # 1, 8, 1, 8, ...: each level gets T seconds in all
+            for c in runs:
+                runs[c].append(load(url, c, args.seconds / args.rounds, seed=100 * r + c, pools=pools))
+        levels = [summary(c, runs[c]) for c in runs]
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(120)

@@ -339,6 +339,14 @@ def test_api_key_and_request_timeout(models, tmp_path):
         assert _error(t, 504)["code"] == "request_timeout"
         _wait_for(lambda: s.metrics()["glmctl_serve_batch_size"] == 0, "the timed-out job to leave")
         assert s.metrics()["glmctl_serve_cancelled_total"] == 1
+        # streamed: the stream has started (200), so the timeout arrives as its last event
+        with httpx.stream("POST", s.url + "/v1/completions", json={**LONG, "stream": True},
+                          headers={"Authorization": "Bearer s3cret"}, timeout=60) as r:
+            assert r.status_code == 200
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "request_timeout" and "choices" in events[0]
+        _wait_for(lambda: s.metrics()["glmctl_serve_batch_size"] == 0, "the timed-out stream to leave")
+        assert s.metrics()["glmctl_serve_cancelled_total"] == 2
     finally:
         assert s.stop() == 0
 

@@ -199,28 +199,36 @@ class _Run:
                            headers={"Retry-After": "1"}) from None
 
     async def events(self, request: Request | None = None):
-        """(choice index, event) until every job is done; APIError 504 at the deadline."""
+        """(choice index, event) until every job is done; APIError 504 at the deadline. With
+        ``request`` (not streamed), polls it for a disconnect every DISCONNECT_POLL_S; a stream
+        learns of one from the ASGI server. The deadline is one timer, not a timeout per event
+        (a stream gets an event per token)."""
+        timer = None
+        if self.deadline is not None:
+            timer = asyncio.get_running_loop().call_later(max(0.0, self.deadline - time.monotonic()),
+                                                          self.queue.put_nowait, (None, None, ("timeout",)))
         try:
             while self.unfinished:
-                wait = DISCONNECT_POLL_S if request is not None else None
-                if self.deadline is not None:
-                    left = self.deadline - time.monotonic()
-                    if left <= 0:
-                        raise APIError(504, f"the request took longer than {self.state.request_timeout:g} s "
-                                            f"(--request-timeout)", "timeout_error", "request_timeout")
-                    wait = left if wait is None else min(wait, left)
-                try:
-                    i, jid, event = await asyncio.wait_for(self.queue.get(), wait)
-                except TimeoutError:
-                    if request is not None and await request.is_disconnected():
-                        return
-                    continue
+                if request is None:
+                    i, jid, event = await self.queue.get()
+                else:
+                    try:
+                        i, jid, event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                if event[0] == "timeout":
+                    raise APIError(504, f"the request took longer than {self.state.request_timeout:g} s "
+                                        f"(--request-timeout)", "timeout_error", "request_timeout")
                 if event[0] in ("done", "error"):
                     self.unfinished.discard(jid)
                 if event[0] == "error":
                     raise APIError(500, event[1], "server_error", "engine_error")
                 yield i, event
         finally:
+            if timer is not None:
+                timer.cancel()
             if self.unfinished:
                 self.engine.cancel(list(self.unfinished))
 
