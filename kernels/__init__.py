@@ -185,16 +185,16 @@ def _dense_available() -> bool:
 def dense_linear(x, weight, bias=None):
     """y = x W^T + b for a floating-point weight, as ``F.linear``.
 
-    In inference (no autograd) on the CPU with fp32 tensors and at most 8 rows of x (a decode
-    step of up to 8 sequences), the C++ kernel: weight rows split evenly over torch's threads,
-    8 rows in flight at m = 1, at m = 2..8 one pass of weight-row tiles against all rows (4 x 2
-    tiles without AVX-512VL), the same result for a row at every m (MKL's sgemv reads the weight
-    at about half the streaming bandwidth on the bench's AMD CPU and gains nothing from a second
-    thread, its sgemm at m = 8 streams an uncached weight at ~6 GB/s; bench/RESULTS.md).
-    Everything else: ``F.linear``.
+    In inference (no autograd) on the CPU with fp32 tensors and few rows of x (a decode step of
+    up to 8 sequences, a short prefill), the C++ kernel: weight rows split evenly over torch's
+    threads, 8 rows in flight at m = 1; at m = 2..16 on a CPU with AVX-512VL, tiles of weight
+    rows read once for all rows (groups of 8), at m = 2..8 without it 4 x 2 tiles; a row's
+    result is the same at every such m (MKL's sgemv reads the weight at about half the streaming
+    bandwidth on the bench's AMD CPU and gains nothing from a second thread, its sgemm at m = 8
+    streams an uncached weight at ~6 GB/s; bench/RESULTS.md). Everything else: ``F.linear``.
     """
     if (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and x.numel() <= 8 * x.shape[-1] and _dense_available()):
+            and weight.dtype == torch.float32 and x.numel() <= 16 * x.shape[-1] and _dense_available()):
         return torch.ops.glmctl.dense_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 

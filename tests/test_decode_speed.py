@@ -200,7 +200,8 @@ def test_joined_requests_decode_as_alone(model, monkeypatch):
 @pytest.mark.parametrize("tiles", ["wide", "avx2"])
 def test_dense_linear_matches_float64(tiles):
     """m = 1 (8-row blocks + a tail), m = 2..8 (tiles + a tail of rows and columns: the 32-register
-    tiles on a CPU with AVX-512VL, else, or forced, the 4 x 2 AVX2 tiles), m > 8 (at::mm)."""
+    tiles on a CPU with AVX-512VL, also up to m = 16 in groups of 8 rows; else, or forced, the
+    4 x 2 AVX2 tiles), larger m (at::linear)."""
     kernels.status()  # loads the CPU extension (its torch.ops)
     if tiles == "wide" and "avx512vl" not in torch.ops.glmctl.cpu_isa():
         pytest.skip("this CPU has no AVX-512VL")
@@ -208,7 +209,8 @@ def test_dense_linear_matches_float64(tiles):
     try:
         g = torch.Generator().manual_seed(0)
         for m, n, k in ((1, 37, 53), (1, 4, 16), (1, 7, 768), (1, 3, 8), (2, 5, 9), (3, 64, 768), (4, 9, 16),
-                        (5, 13, 100), (6, 10, 12), (7, 1, 33), (8, 66, 2048), (8, 3, 7), (8, 29, 100), (9, 10, 12)):
+                        (5, 13, 100), (6, 10, 12), (7, 1, 33), (8, 66, 2048), (8, 3, 7), (8, 29, 100), (9, 10, 12),
+                        (13, 20, 100), (16, 7, 64), (17, 10, 12)):
             x, w, b = (torch.randn(*s, generator=g) for s in ((m, k), (n, k), (n,)))
             want = x.double() @ w.double().t() + b.double()
             with torch.inference_mode():
@@ -216,11 +218,12 @@ def test_dense_linear_matches_float64(tiles):
             assert got.dtype == torch.float32 and got.shape == (m, n)
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(kernels.dense_linear(x[0], w), F.linear(x[0], w), rtol=1e-5, atol=1e-5)
-            if m <= 8 and n >= 2:  # every row's result is the one it gets alone (batch invariance; n = 1 is at::mm's)
+            if m <= (16 if tiles == "wide" else 8) and n >= 2:  # every row's result is the one it gets alone
+                # (batch invariance; n = 1 is at::linear's)
                 with torch.inference_mode():
                     for i in range(m):
                         assert torch.equal(got[i], kernels.dense_linear(x[i:i + 1], w, b)[0]), (m, n, k, i)
-                    if tiles == "wide":  # and the same as the AVX2 tiles'
+                    if tiles == "wide" and m <= 8:  # and the same as the AVX2 tiles'
                         torch.ops.glmctl.cpu_force_avx2(True)
                         assert torch.equal(got, kernels.dense_linear(x, w, b)), (m, n, k)
                         torch.ops.glmctl.cpu_force_avx2(False)

@@ -24,6 +24,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
@@ -634,33 +635,49 @@ GLMCTL_AVX512VL void dense_wide_avx512(const float* x, int64_t k, const float* w
   dense_tile<RW, MB, PF>(x, k, w, res);
 }
 
-// dense_linear at m = MB (1..8) with the wide tiles: RW weight rows per tile (as many as the
-// registers allow: RW * MB + RW + 1 <= 32), then the last n % RW rows one at a time.
-template <int MB>
-void dense_wide(const float* xp, int64_t k, const float* wp, const float* bp, int64_t n, float* op) {
-  constexpr int RW = MB <= 3 ? 6 : MB <= 6 ? 4 : 3;
+// The wide tile for mb (1..8) rows of x.
+template <int RW, bool PF>
+void wide_tile(int mb, const float* x, int64_t k, const float* w, float* res) {
+  switch (mb) {
+    case 1: dense_wide_avx512<RW, 1, PF>(x, k, w, res); break;
+    case 2: dense_wide_avx512<RW, 2, PF>(x, k, w, res); break;
+    case 3: dense_wide_avx512<RW, 3, PF>(x, k, w, res); break;
+    case 4: dense_wide_avx512<RW, 4, PF>(x, k, w, res); break;
+    case 5: dense_wide_avx512<RW, 5, PF>(x, k, w, res); break;
+    case 6: dense_wide_avx512<RW, 6, PF>(x, k, w, res); break;
+    case 7: dense_wide_avx512<RW, 7, PF>(x, k, w, res); break;
+    default: dense_wide_avx512<RW, 8, PF>(x, k, w, res); break;
+  }
+}
+
+// dense_linear with the wide tiles: RW weight rows per tile (RW * mb + RW + 1 <= 32 registers for
+// the largest group mb), then the last n % RW rows one at a time. Each tile's weight rows are
+// read from memory once, by the first group of (up to) 8 rows of x, and stay in L1 for the
+// others: up to m = kDenseWideMaxM (a short prefill) this beats MKL's sgemm on a weight that is
+// not in the cache.
+template <int RW>
+void dense_wide(const float* xp, int64_t m, int64_t k, const float* wp, const float* bp, int64_t n, float* op) {
   const int64_t nblk = n / RW;
   const int64_t grain = std::max<int64_t>(1, nblk / std::max<int64_t>(1, at::get_num_threads()));
-  auto put = [&](const float* res, int64_t r0, int rows) {
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < rows; ++j) op[i * n + r0 + j] = res[i * rows + j] + (bp ? bp[r0 + j] : 0.f);
+  auto tile = [&](const float* w, int64_t r0, int rows) {
+    float res[8 * RW];
+    for (int64_t i0 = 0; i0 < m; i0 += 8) {
+      const int mb = static_cast<int>(std::min<int64_t>(8, m - i0));
+      if (rows == RW) i0 ? wide_tile<RW, false>(mb, xp + i0 * k, k, w, res) : wide_tile<RW, true>(mb, xp + i0 * k, k, w, res);
+      else wide_tile<1, false>(mb, xp + i0 * k, k, w, res);
+      for (int i = 0; i < mb; ++i)
+        for (int j = 0; j < rows; ++j) op[(i0 + i) * n + r0 + j] = res[i * rows + j] + (bp ? bp[r0 + j] : 0.f);
+    }
   };
   at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
-    float res[MB * RW];
-    for (int64_t b = b0; b < b1; ++b) {
-      dense_wide_avx512<RW, MB, true>(xp, k, wp + RW * b * k, res);
-      put(res, RW * b, RW);
-    }
+    for (int64_t b = b0; b < b1; ++b) tile(wp + RW * b * k, RW * b, RW);
   });
-  for (int64_t r = RW * nblk; r < n; ++r) {
-    float res[MB];
-    dense_wide_avx512<1, MB>(xp, k, wp + r * k, res);
-    put(res, r, 1);
-  }
+  for (int64_t r = RW * nblk; r < n; ++r) tile(wp + r * k, r, 1);
 }
 #endif
 
-constexpr int64_t kDenseMaxM = 8;  // m above which at::linear (MKL sgemm) is used
+constexpr int64_t kDenseMaxM = 8;       // m above which at::linear (MKL sgemm) is used: AVX2 tiles
+constexpr int64_t kDenseWideMaxM = 16;  // the same with the wide (AVX-512VL) tiles
 
 at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "glmctl::dense_linear (CPU): tensors must be on the CPU");
@@ -672,11 +689,10 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   const int64_t m = x2d.size(0);
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = n;
-  if (!use_avx2() || x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat || m > kDenseMaxM ||
-      m == 0 || n < 2 || (has_bias && bias->scalar_type() != at::kFloat)) {
-    at::Tensor y = at::mm(x2d, weight.t());
-    if (has_bias) y.add_(*bias);
-    return y.reshape(out_shape);
+  if (!use_avx2() || x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
+      m > (use_avx512vl() ? kDenseWideMaxM : kDenseMaxM) || m == 0 || n < 2 ||
+      (has_bias && bias->scalar_type() != at::kFloat)) {  // what F.linear computes
+    return at::linear(x2d, weight, has_bias ? *bias : at::Tensor()).reshape(out_shape);
   }
 #if GLMCTL_X86
   const at::Tensor xc = x2d.contiguous(), wc = weight.contiguous();
@@ -704,18 +720,10 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
     }
     return out.reshape(out_shape);
   }
-  if (use_avx512vl()) {
-    switch (m) {  // m = 1 here only with n < 8
-      case 1: dense_wide<1>(xp, k, wp, bp, n, op); break;
-      case 2: dense_wide<2>(xp, k, wp, bp, n, op); break;
-      case 3: dense_wide<3>(xp, k, wp, bp, n, op); break;
-      case 4: dense_wide<4>(xp, k, wp, bp, n, op); break;
-      case 5: dense_wide<5>(xp, k, wp, bp, n, op); break;
-      case 6: dense_wide<6>(xp, k, wp, bp, n, op); break;
-      case 7: dense_wide<7>(xp, k, wp, bp, n, op); break;
-      case 8: dense_wide<8>(xp, k, wp, bp, n, op); break;
-      default: TORCH_CHECK(false, "glmctl::dense_linear: m = ", m);
-    }
+  if (use_avx512vl()) {  // m = 1 here only with n < 8
+    if (m <= 3) dense_wide<6>(xp, m, k, wp, bp, n, op);
+    else if (m <= 6) dense_wide<4>(xp, m, k, wp, bp, n, op);
+    else dense_wide<3>(xp, m, k, wp, bp, n, op);
     return out.reshape(out_shape);
   }
   constexpr int RW = 4, XB = 2;  // weight rows x rows of x per tile
@@ -743,7 +751,7 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   for (int64_t r = RW * nblk; r < n; ++r) tile(wp + r * k, r, 1);
   return out.reshape(out_shape);
 #else
-  return at::mm(x2d, weight.t()).reshape(out_shape);
+  return at::linear(x2d, weight, has_bias ? *bias : at::Tensor()).reshape(out_shape);
 #endif
 }
 
