@@ -6,7 +6,8 @@ The socket is bound first (a taken port is one clear line, exit 2), then uvicorn
 answers 503 until ``load_engine()`` (on a thread) has opened the model and started the engine.
 SIGTERM or Ctrl-C: uvicorn stops accepting connections, lets in-flight requests finish for up
 to ``drain_timeout`` seconds (then cancels them), the engine stops, and the call returns (the
-command exits 0).
+command exits 0). A second signal during the drain ends the drain (uvicorn's force exit); after
+it, while the engine stops, signals are ignored.
 """
 from __future__ import annotations
 
@@ -59,8 +60,10 @@ def serve_http(state: ServeState, load_engine, host: str, port: int, drain_timeo
     console.log(f"serve: listening on http://{host if ':' not in host else f'[{host}]'}:{bound_port} "
                 f"(loading the model; /health answers 200 once it is ready)")
     # uvicorn re-raises the signal that stopped it once it is done; with these handlers in place
-    # that ends nothing, and the command returns normally (exit 0)
-    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+    # that ends nothing, and the command returns normally (exit 0). They stay in place until the
+    # process exits: a second SIGTERM while the engine stops must not kill it (exit -15).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     logging.getLogger("uvicorn.error").setLevel(logging.INFO if log_requests else logging.WARNING)
     try:
         loader.start()
@@ -70,8 +73,6 @@ def serve_http(state: ServeState, load_engine, host: str, port: int, drain_timeo
     finally:
         if state.engine is not None:
             state.engine.stop()
-        for s, h in previous.items():
-            signal.signal(s, h)
         sock.close()
     if failure:
         e = failure[0]
