@@ -19,7 +19,6 @@ import asyncio
 import hmac
 import json
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,28 +38,6 @@ from glmctl.serving.engine import Engine, Finished, Job, QueueFull
 from glmctl.serving.metrics import Metrics
 
 DISCONNECT_POLL_S = 0.5
-
-
-class _Mailbox:
-    """Events from the engine thread to the event loop's request queues. The engine sends one per
-    row and token; the first event posted while the loop has not yet collected the earlier ones
-    schedules one wake-up, which delivers them all (one wake-up per decoding step, not per row)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.lock, self.items = loop, threading.Lock(), []
-
-    def post(self, queue: asyncio.Queue, item) -> None:  # any thread
-        with self.lock:
-            self.items.append((queue, item))
-            first = len(self.items) == 1
-        if first:
-            self.loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self) -> None:  # the event loop
-        with self.lock:
-            items, self.items = self.items, []
-        for queue, item in items:
-            queue.put_nowait(item)
 
 
 class APIError(Exception):
@@ -145,7 +122,6 @@ class ServeState:
     info: dict = field(default_factory=dict)  # precision, tensor_parallel_size, max_sequence_length
     status: str = "loading"  # loading | ok | stopping | failed
     created: int = field(default_factory=lambda: int(time.time()))
-    mailbox: _Mailbox | None = None  # made on the event loop by the first request
 
     def ready_engine(self) -> Engine:
         e = self.engine
@@ -203,13 +179,13 @@ class _Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.unfinished = set(self.index)
         self.deadline = None if state.request_timeout is None else time.monotonic() + state.request_timeout
-        if state.mailbox is None:
-            state.mailbox = _Mailbox(asyncio.get_running_loop())
-        mailbox = state.mailbox
+        loop = asyncio.get_running_loop()
         held: dict[int, list[str]] = {}  # not streamed: text deltas kept on the engine's side until the end
 
         def post(job_id, event):
-            mailbox.post(self.queue, (self.index[job_id], job_id, event))
+            # the engine hands a step's events over back to back, holding the GIL: the loop wakes
+            # once for all of them (glmctl.serving.engine)
+            loop.call_soon_threadsafe(self.queue.put_nowait, (self.index[job_id], job_id, event))
 
         def sink(job_id, event):  # the engine thread
             if not stream and event[0] == "delta":  # waking the event loop for every token costs ~1 ms
